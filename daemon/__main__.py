@@ -1,0 +1,5 @@
+"""``python -m daemon`` runs ``modeld``."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,549 @@
+"""Configuration: TOML in, frozen dataclasses out, every default filled, every error named.
+
+One schema table (``SCHEMA`` and ``MODEL_FIELDS``) drives parsing, ``modeld config`` and the
+README's configuration reference, so the three cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .model import HTTP_PROVIDERS, MODEL_ID_RE, RESERVED_MODEL_IDS, ModelSpec
+
+DEFAULT_CONFIG_PATH = "/etc/modeld/modeld.toml"
+EX_CONFIG = 78
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``errors`` lists every problem, one line each."""
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+# ----------------------------------------------------------------------------- durations
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number of seconds or a string such as "500ms", "30s", "5m", "1h"."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration (seconds, or a string like \"30s\"), got a boolean")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if not match:
+            raise ValueError(
+                f'bad duration "{value}": use seconds or a number with ms, s, m or h ("30s")'
+            )
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ValueError(f"expected a duration, got {type(value).__name__}")
+    if seconds != seconds or seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact string form of a duration, for ``modeld config``."""
+    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= size and (seconds / size).is_integer():
+            return f"{int(seconds / size)}{unit}"
+    ms = seconds * 1000
+    if ms.is_integer():
+        return f"{int(ms)}ms"
+    return f"{seconds}s"
+
+
+# ----------------------------------------------------------------------------- dataclasses
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    state_file: str = "/var/lib/modeld/model_registry.json"
+    socket: str = "/run/modeld/control.sock"
+    socket_mode: int = 0o660
+    admin_group: str = "modeld"
+    plugin_dirs: tuple[str, ...] = ("/etc/modeld/plugins.d",)
+    metrics_listen: str = ""
+    log_format: str = "auto"
+    state_flush_interval: float = 2.0
+    shutdown_grace: float = 5.0
+    max_connections: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeConfig:
+    interval: float = 5.0
+    timeout: float = 3.0
+    max_concurrent: int = 64
+    recheck_interval: float = 0.5
+    max_response_bytes: int = 1048576
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    failure_threshold: int = 3
+    success_threshold: int = 2
+    degraded_latency_ms: float = 2000.0
+    window: int = 20
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreConfig:
+    health: float = 0.5
+    latency: float = 0.2
+    cost: float = 0.1
+    quality: float = 0.2
+    latency_target_ms: float = 500.0
+    cost_ceiling: float = 30.0
+
+    def normalised(self) -> tuple[float, float, float, float]:
+        """The four weights (health, latency, cost, quality) scaled to sum to 1."""
+        total = self.health + self.latency + self.cost + self.quality
+        return (self.health / total, self.latency / total, self.cost / total, self.quality / total)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    interval: float = 60.0
+    auto_execute: bool = False
+    min_margin: float = 0.05
+    min_consecutive_healthy: int = 5
+    cooldown: float = 1800.0
+    probation: float = 600.0
+    quarantine: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole effective configuration."""
+
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    models: tuple[ModelSpec, ...] = ()
+    path: str = ""
+
+    def model(self, model_id: str) -> ModelSpec | None:
+        """The spec with this id, if declared."""
+        for spec in self.models:
+            if spec.id == model_id:
+                return spec
+        return None
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One configuration key: its kind, and one line for the reference."""
+
+    name: str
+    kind: str  # str | int | float | bool | duration | mode | list[str]
+    doc: str
+    check: Callable[[Any], str | None] | None = None
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _non_negative(value: Any) -> str | None:
+    return None if value >= 0 else "cannot be negative"
+
+
+def _unit_interval(value: Any) -> str | None:
+    return None if 0.0 <= value <= 1.0 else "must be between 0.0 and 1.0"
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def _host_port(value: Any) -> str | None:
+    if value == "":
+        return None
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return 'must be "HOST:PORT", e.g. "127.0.0.1:9464", or empty'
+    return None
+
+
+SCHEMA: dict[str, tuple[type, tuple[Key, ...]]] = {
+    "daemon": (
+        DaemonConfig,
+        (
+            Key("state_file", "str", "where the registry state is kept (JSON, written atomically)"),
+            Key("socket", "str", "the control socket (HTTP over a Unix socket)"),
+            Key("socket_mode", "mode", 'the socket\'s permissions, an octal string like "0660"'),
+            Key("admin_group", "str", "peers in this group (or root, or the daemon's uid) may "
+                "change things; empty: only root and the daemon's uid"),
+            Key("plugin_dirs", "list[str]", "directories whose *.py files are loaded as plugins"),
+            Key("metrics_listen", "str", 'e.g. "127.0.0.1:9464": Prometheus /metrics over TCP, '
+                "read-only; empty: off", _host_port),
+            Key("log_format", "str", "auto (JSON unless stdout is a TTY), json or console",
+                _one_of("auto", "json", "console")),
+            Key("state_flush_interval", "duration", "how often probe-driven state is written "
+                "when it changed (decisions are written at once)", _positive),
+            Key("shutdown_grace", "duration", "on SIGTERM, how long in-flight requests may finish"),
+            Key("max_connections", "int", "control-socket connections served at once", _positive),
+        ),
+    ),
+    "probe": (
+        ProbeConfig,
+        (
+            Key("interval", "duration", "per model, jittered ±10%", _positive),
+            Key("timeout", "duration", "one probe's deadline, all its requests included",
+                _positive),
+            Key("max_concurrent", "int", "probes in flight at once", _positive),
+            Key("recheck_interval", "duration", "after a failure, re-probe at this pace until "
+                "the verdict is clear", _positive),
+            Key("max_response_bytes", "int", "a bigger upstream response fails the probe",
+                _positive),
+        ),
+    ),
+    "health": (
+        HealthConfig,
+        (
+            Key("failure_threshold", "int", "consecutive failures → unavailable", _positive),
+            Key("success_threshold", "int", "consecutive successes to leave unavailable",
+                _positive),
+            Key("degraded_latency_ms", "float", "a success slower than this counts as degraded",
+                _positive),
+            Key("window", "int", "probes kept for latency percentiles and success rate",
+                _positive),
+        ),
+    ),
+    "score": (
+        ScoreConfig,
+        (
+            Key("health", "float", "weight of health × success rate", _non_negative),
+            Key("latency", "float", "weight of target / (target + p50)", _non_negative),
+            Key("cost", "float", "weight of 1 − min(cost / ceiling, 1)", _non_negative),
+            Key("quality", "float", "weight of the model's quality prior", _non_negative),
+            Key("latency_target_ms", "float", "the latency that scores 0.5", _positive),
+            Key("cost_ceiling", "float", "the cost (per 1M tokens) that scores 0", _positive),
+        ),
+    ),
+    "policy": (
+        PolicyConfig,
+        (
+            Key("interval", "duration", "the auto-upgrade timer", _positive),
+            Key("auto_execute", "bool", "false: only suggest; true: act on suggestions"),
+            Key("min_margin", "float", "a candidate must beat the primary's score by this much",
+                _unit_interval),
+            Key("min_consecutive_healthy", "int", "successes in a row before a model is a "
+                "candidate", _non_negative),
+            Key("cooldown", "duration", "between automatic promotions in one role"),
+            Key("probation", "duration", "a new primary that becomes unavailable within this "
+                "is rolled back"),
+            Key("quarantine", "duration", "a model rolled back from is not auto-promoted again "
+                "for this long"),
+        ),
+    ),
+}
+
+
+def _check_model_id(value: Any) -> str | None:
+    if not MODEL_ID_RE.fullmatch(value):
+        return f'"{value}" is not a valid model id (letters, digits, . _ : -; 1-128 characters)'
+    if value in RESERVED_MODEL_IDS:
+        return f'"{value}" is a route word under /api/v1/models/ and cannot be a model id'
+    return None
+
+
+def _check_sha256(value: Any) -> str | None:
+    if value and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        return "must be 64 hexadecimal digits"
+    return None
+
+
+def _check_endpoint(value: Any) -> str | None:
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f'"{value}" is not an http:// or https:// URL'
+    return None
+
+
+MODEL_FIELDS: tuple[Key, ...] = (
+    Key("id", "str", "[A-Za-z0-9][A-Za-z0-9._:-]{0,127}; required", _check_model_id),
+    Key("provider", "str", "the probe plugin's name (openai, ollama, local_file, ...); required"),
+    Key("role", "str", "promotion and fallback stay inside a role"),
+    Key("endpoint", "str", "base URL of the server (HTTP providers)", _check_endpoint),
+    Key("model", "str", "upstream model name; defaults to id"),
+    Key("api_key_env", "str", "name of an env var holding a bearer token (never the key)"),
+    Key("capability_tags", "list[str]", "what the model can do, for resolve ?capability="),
+    Key("cost_estimate", "float", "cost per 1M tokens", _non_negative),
+    Key("latency_estimate", "float", "latency prior in ms, until probes measure it",
+        _non_negative),
+    Key("quality", "float", "prior 0..1 from your own evals", _unit_interval),
+    Key("local_path", "str", "model file on disk (local_file provider)"),
+    Key("local", "bool", "eligible in offline mode; default: local_path set or loopback endpoint"),
+    Key("primary", "bool", "initial primary of its role, used only when no state exists"),
+    Key("deep", "bool", "deep probe: a 1-token generation instead of a listing"),
+    Key("sha256", "str", "local_file: pin the file's digest", _check_sha256),
+    Key("interval", "duration", "per-model probe interval; default [probe].interval", _positive),
+    Key("timeout", "duration", "per-model probe timeout; default [probe].timeout", _positive),
+)
+
+_MODEL_DEFAULTS = ModelSpec(id="", provider="")
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+class _Collector:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.errors: list[str] = []
+
+    def add(self, key_path: str, message: str) -> None:
+        self.errors.append(f"{self.source}: {key_path}: {message}")
+
+
+def _did_you_mean(name: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+def _coerce(key: Key, raw: Any) -> Any:
+    """The value converted to the key's kind; raises ValueError naming what is wrong."""
+    kind = key.kind
+    if kind == "str":
+        if not isinstance(raw, str):
+            raise ValueError(f"expected a string, got {_type_name(raw)}")
+        return raw
+    if kind == "bool":
+        if not isinstance(raw, bool):
+            raise ValueError(f"expected true or false, got {_type_name(raw)}")
+        return raw
+    if kind == "int":
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ValueError(f"expected an integer, got {_type_name(raw)}")
+        return raw
+    if kind == "float":
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise ValueError(f"expected a number, got {_type_name(raw)}")
+        if raw != raw or raw in (float("inf"), float("-inf")):
+            raise ValueError("expected a finite number")
+        return float(raw)
+    if kind == "duration":
+        return parse_duration(raw)
+    if kind == "mode":
+        if isinstance(raw, str) and re.fullmatch(r"0?[0-7]{3,4}", raw):
+            return int(raw, 8)
+        raise ValueError(f'expected an octal string like "0660", got {raw!r}')
+    if kind == "list[str]":
+        if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+            raise ValueError(f"expected a list of strings, got {_type_name(raw)}")
+        return tuple(raw)
+    raise AssertionError(f"unknown kind {kind}")
+
+
+def _type_name(raw: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a table"}.get(type(raw), type(raw).__name__)
+
+
+def _parse_table(
+    table: Mapping[str, Any], keys: Sequence[Key], prefix: str, out: _Collector
+) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    by_name = {key.name: key for key in keys}
+    for name, raw in table.items():
+        key = by_name.get(name)
+        if key is None:
+            out.add(f"{prefix}{name}", "unknown key" + _did_you_mean(name, list(by_name)))
+            continue
+        try:
+            value = _coerce(key, raw)
+        except ValueError as exc:
+            out.add(f"{prefix}{name}", str(exc))
+            continue
+        problem = key.check(value) if key.check else None
+        if problem:
+            out.add(f"{prefix}{name}", problem)
+            continue
+        values[name] = value
+    return values
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether an endpoint URL points at this host."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_model(raw: Any, index: int, out: _Collector) -> ModelSpec | None:
+    prefix = f"models[{index}]."
+    if not isinstance(raw, dict):
+        out.add(f"models[{index}]", "expected a table ([[models]])")
+        return None
+    before = len(out.errors)
+    values = _parse_table(raw, MODEL_FIELDS, prefix, out)
+    for required in ("id", "provider"):
+        if required not in raw:
+            out.add(f"{prefix}{required}", "is required")
+    if len(out.errors) > before:
+        return None
+    values.setdefault("model", values["id"])
+    if "local" not in values:
+        values["local"] = bool(values.get("local_path")) or is_loopback_url(
+            values.get("endpoint", "")
+        )
+    if values["provider"] == "local_file" and not values.get("local_path"):
+        out.add(f"{prefix}local_path", 'is required for provider "local_file"')
+    if values["provider"] in HTTP_PROVIDERS and not values.get("endpoint"):
+        out.add(f"{prefix}endpoint", f'is required for provider "{values["provider"]}"')
+    if len(out.errors) > before:
+        return None
+    return replace(_MODEL_DEFAULTS, **values)
+
+
+def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
+    """A Config from parsed TOML; raises ConfigError listing every problem found."""
+    out = _Collector(source)
+    sections: dict[str, Any] = {}
+    top_keys = [*SCHEMA, "models"]
+    for name in data:
+        if name not in top_keys:
+            out.add(name, "unknown section" + _did_you_mean(name, top_keys))
+    for name, (cls, keys) in SCHEMA.items():
+        raw = data.get(name, {})
+        if not isinstance(raw, dict):
+            out.add(name, f"expected a table [{name}], got {_type_name(raw)}")
+            continue
+        sections[name] = cls(**_parse_table(raw, keys, f"{name}.", out))
+
+    score = sections.get("score")
+    if score is not None and score.health + score.latency + score.cost + score.quality <= 0:
+        out.add("score", "the weights health, latency, cost and quality sum to 0; "
+                "give at least one a positive weight")
+    health = sections.get("health")
+    if health is not None and health.window < 1:
+        out.add("health.window", "must be at least 1")
+
+    models: list[ModelSpec] = []
+    raw_models = data.get("models", [])
+    if not isinstance(raw_models, list):
+        out.add("models", "expected an array of tables [[models]]")
+        raw_models = []
+    seen: dict[str, int] = {}
+    primaries: dict[str, int] = {}
+    for index, raw in enumerate(raw_models):
+        spec = _parse_model(raw, index, out)
+        if spec is None:
+            continue
+        if spec.id in seen:
+            out.add(f"models[{index}].id", f'duplicate model id "{spec.id}" '
+                    f"(first declared at models[{seen[spec.id]}])")
+            continue
+        seen[spec.id] = index
+        if spec.primary:
+            if spec.role in primaries:
+                out.add(f"models[{index}].primary", f'role "{spec.role}" already has a primary '
+                        f"(models[{primaries[spec.role]}]); only one primary = true per role")
+            else:
+                primaries[spec.role] = index
+        models.append(spec)
+
+    if out.errors:
+        raise ConfigError(out.errors)
+    return Config(models=tuple(models), path=source, **sections)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """The configuration read from a TOML file; raises ConfigError naming file and key."""
+    source = str(path)
+    try:
+        text = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError([f"{source}: file not found"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{source}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        message = f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        raise ConfigError([message]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source}: invalid TOML: {exc}"]) from None
+    return parse_config(data, source)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _render_value(key: Key, value: Any) -> Any:
+    if key.kind == "duration":
+        return format_duration(value)
+    if key.kind == "mode":
+        return f"{value:04o}"
+    if key.kind == "list[str]":
+        return list(value)
+    return value
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """The effective configuration as a TOML-ready dict, defaults included."""
+    out: dict[str, Any] = {}
+    for name, (_cls, keys) in SCHEMA.items():
+        section = getattr(config, name)
+        out[name] = {key.name: _render_value(key, getattr(section, key.name)) for key in keys}
+    models = []
+    for spec in config.models:
+        entry: dict[str, Any] = {}
+        for key in MODEL_FIELDS:
+            value = getattr(spec, key.name)
+            if value is None:
+                continue  # per-model overrides not set: the section default applies
+            entry[key.name] = _render_value(key, value)
+        models.append(entry)
+    out["models"] = models
+    return out
+
+
+def render_config(config: Config) -> str:
+    """The effective configuration as TOML."""
+    import tomli_w
+
+    return tomli_w.dumps(config_to_dict(config))
+
+
+def default_value(section: str, key: str) -> Any:
+    """The default of one key, rendered as in TOML, for documentation."""
+    if section == "models":
+        spec_field = {f.name: f for f in fields(ModelSpec)}[key]
+        value = spec_field.default
+        kind = next(k for k in MODEL_FIELDS if k.name == key)
+        return None if value is None else _render_value(kind, value)
+    cls, keys = SCHEMA[section]
+    kind = next(k for k in keys if k.name == key)
+    return _render_value(kind, getattr(cls(), key))

@@ -1,0 +1,33 @@
+"""The plugin contract: pluggy markers for project ``modeld`` and every hook spec."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .model import HealthStatus, ModelSpec, ProbeResult
+
+PROJECT = "modeld"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def modeld_register_probes(register: Callable[[str, Any], None]) -> None:
+    """Register probes: call ``register(name, probe)`` for each provider name you serve."""
+
+
+@hookspec
+def modeld_health_changed(
+    spec: ModelSpec, old: HealthStatus, new: HealthStatus, result: ProbeResult
+) -> None:
+    """Observe a model's health changing (called synchronously; keep it quick)."""
+
+
+@hookspec
+def modeld_primary_changed(role: str, old: str | None, new: str, reason: str) -> None:
+    """Observe a role's primary changing by promotion or rollback (synchronous; keep it quick)."""
