@@ -1,0 +1,844 @@
+"""The registry: the in-memory truth about every model and every role.
+
+Pure and synchronous: no I/O, no awaits, no clock reads (``now`` is passed in). Each
+operation therefore runs atomically with respect to the event loop and needs no lock.
+Every change emits an :class:`~daemon.model.Event` to the registry's listeners and bumps
+``version``; decisions (promote, rollback, offline, reload) also bump ``decision_version``
+so the daemon knows to make them durable before it answers.
+
+The seed's names are kept: ``get_model_for_use``, ``promote_model``, ``rollback_model``,
+``set_offline_mode``, ``auto_upgrade_check``, ``evaluate_model`` (here ``apply_probe``: the
+probe's I/O lives in the prober).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from . import policy
+from .config import Config
+from .health import HealthState, Sample, apply_probe
+from .model import Event, EventKind, HealthStatus, ModelSpec, ProbeResult, ProbeStatus
+from .policy import Candidate, Suggestion
+from .scoring import ZERO, ScoreParts, score
+
+EVENTS_KEPT = 1000
+HISTORY_KEPT = 200
+ROLLBACK_DEPTH = 50
+RECENT_PROBES_KEPT = 10
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class RegistryError(Exception):
+    """A refused operation: ``code`` and ``status`` say which, the message says why."""
+
+    code = "refused"
+    status = 409
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class UnknownModel(RegistryError):
+    code = "unknown_model"
+    status = 404
+
+
+class UnknownRole(RegistryError):
+    code = "unknown_role"
+    status = 404
+
+
+class ModelUnavailable(RegistryError):
+    code = "model_unavailable"
+    status = 409
+
+
+class NothingToRollBack(RegistryError):
+    code = "nothing_to_roll_back"
+    status = 409
+
+
+class RoleRequired(RegistryError):
+    code = "role_required"
+    status = 422
+
+
+class NoUsableModel(RegistryError):
+    code = "no_usable_model"
+    status = 503
+
+    def __init__(self, message: str, reasons: Mapping[str, str]) -> None:
+        super().__init__(message, reasons=dict(reasons))
+        self.reasons = dict(reasons)
+
+
+class StateShapeError(ValueError):
+    """A saved state that parses as JSON but does not have the expected shape."""
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeRecord:
+    """One probe as remembered: when, the verdict, why, how fast, and the probe's facts."""
+
+    at: float
+    status: ProbeStatus
+    reason: str
+    latency_ms: float | None
+    facts: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status.ok
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "at": self.at,
+            "ok": self.ok,
+            "status": self.status.value,
+            "reason": self.reason,
+            "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 3),
+            "facts": _jsonable(self.facts),
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> ProbeRecord:
+        return cls(
+            at=float(raw["at"]),
+            status=ProbeStatus(raw.get("status", "ok" if raw.get("ok") else "failed")),
+            reason=str(raw.get("reason", "")),
+            latency_ms=None if raw.get("latency_ms") is None else float(raw["latency_ms"]),
+            facts=MappingProxyType(dict(raw.get("facts") or {})),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change of a role's primary, as the API reports it."""
+
+    role: str
+    from_id: str | None
+    to_id: str | None
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"role": self.role, "from": self.from_id, "to": self.to_id, "reason": self.reason}
+
+
+@dataclass(frozen=True, slots=True)
+class Promotion:
+    """A promotion that can be rolled back: who was primary before, and how it happened."""
+
+    from_id: str | None
+    to_id: str
+    at: float
+    automatic: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"from": self.from_id, "to": self.to_id, "at": self.at, "automatic": self.automatic}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Promotion:
+        return cls(raw.get("from"), str(raw["to"]), float(raw["at"]), bool(raw["automatic"]))
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """The audit trail of a role: who was made primary when, why, and by whom."""
+
+    at: float
+    action: str  # initial | promote | rollback | removed
+    from_id: str | None
+    to_id: str | None
+    reason: str
+    actor: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at": self.at, "action": self.action, "from": self.from_id, "to": self.to_id,
+                "reason": self.reason, "actor": self.actor}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> HistoryEntry:
+        return cls(float(raw["at"]), str(raw["action"]), raw.get("from"), raw.get("to"),
+                   str(raw.get("reason", "")), str(raw.get("actor", "")))
+
+
+@dataclass(slots=True)
+class ModelEntry:
+    """A declared model and everything observed about it."""
+
+    spec: ModelSpec
+    health: HealthState = field(default_factory=HealthState)
+    score: ScoreParts = ZERO
+    retired: bool = False
+    last_probe: ProbeRecord | None = None
+    recent: deque[ProbeRecord] = field(default_factory=lambda: deque(maxlen=RECENT_PROBES_KEPT))
+    not_probed: str = ""  # why the model is not being probed now (offline mode), if it is not
+
+
+@dataclass(slots=True)
+class RoleState:
+    """One role: its primary, what a rollback would restore, and its history."""
+
+    primary: str | None = None
+    stack: list[Promotion] = field(default_factory=list)
+    history: list[HistoryEntry] = field(default_factory=list)
+    promoted_at: float | None = None
+    promoted_automatically: bool = False
+    last_auto_promotion_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """The answer to "which model do I use now": the choice and the ordered fallbacks."""
+
+    role: str
+    model_id: str
+    fallbacks: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeApplied:
+    """What applying one probe result did."""
+
+    old: HealthStatus
+    new: HealthStatus
+    event: Event | None  # the health_changed event, when the status changed
+    changes: tuple[Change, ...] = ()  # an automatic rollback triggered by it
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigDiff:
+    """What a new configuration changed in the registry."""
+
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[str, ...]
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+class ModelRegistry:
+    """Every model's spec and state, every role's primary and history, offline mode."""
+
+    def __init__(self, config: Config, now: float, *, offline_mode: bool = False) -> None:
+        self.config = config
+        self.models: dict[str, ModelEntry] = {}
+        self.roles: dict[str, RoleState] = {}
+        self.offline_mode = offline_mode
+        self.quarantined_until: dict[str, float] = {}
+        self.events: deque[Event] = deque(maxlen=EVENTS_KEPT)
+        self.event_seq = 0
+        self.version = 0
+        self.decision_version = 0
+        self.listeners: list[Callable[[Event], None]] = []
+        self._last_suggestion: dict[str, tuple[str | None, str]] = {}
+        for spec in config.models:
+            self.models[spec.id] = ModelEntry(spec=spec)
+        self._index_roles()
+        for spec in config.models:
+            if spec.primary and self.roles[spec.role].primary is None:
+                self._set_initial_primary(spec, now)
+        self._refresh_offline_marks()
+
+    # --------------------------------------------------------------- small helpers
+
+    def _index_roles(self) -> None:
+        self._by_role: dict[str, list[str]] = {}
+        for model_id, entry in self.models.items():
+            self._by_role.setdefault(entry.spec.role, []).append(model_id)
+            self.roles.setdefault(entry.spec.role, RoleState())
+
+    def _set_initial_primary(self, spec: ModelSpec, now: float) -> None:
+        role = self.roles[spec.role]
+        role.primary = spec.id
+        self.models[spec.id].retired = False
+        role.history.append(HistoryEntry(now, "initial", None, spec.id,
+                                         "primary = true in the configuration", "config"))
+
+    def entry(self, model_id: str) -> ModelEntry:
+        """The entry of a model; raises UnknownModel naming the known ids."""
+        try:
+            return self.models[model_id]
+        except KeyError:
+            known = ", ".join(sorted(self.models)[:20]) or "none"
+            raise UnknownModel(f'unknown model "{model_id}" (known: {known})',
+                               model_id=model_id) from None
+
+    def role_members(self, role: str) -> list[ModelEntry]:
+        """The entries of one role."""
+        return [self.models[m] for m in self._by_role.get(role, ())]
+
+    def is_primary(self, model_id: str) -> bool:
+        entry = self.models.get(model_id)
+        return entry is not None and self.roles[entry.spec.role].primary == model_id
+
+    def eligible(self, entry: ModelEntry) -> bool:
+        """Whether offline rules allow the model: any model online, only local ones offline."""
+        return not self.offline_mode or entry.spec.local
+
+    def _touch(self, decision: bool = False) -> None:
+        self.version += 1
+        if decision:
+            self.decision_version += 1
+
+    def _emit(self, now: float, kind: EventKind, *, role: str = "", model_id: str = "",
+              from_id: str | None = None, to_id: str | None = None, reason: str = "",
+              actor: str = "daemon", **data: Any) -> Event:
+        self.event_seq += 1
+        event = Event(seq=self.event_seq, at=now, kind=kind, role=role, model_id=model_id,
+                      from_id=from_id or "", to_id=to_id or "", reason=reason, actor=actor,
+                      data=MappingProxyType(data))
+        self.events.append(event)
+        for listener in list(self.listeners):
+            listener(event)
+        return event
+
+    def events_since(self, seq: int) -> list[Event]:
+        """Events with a sequence number greater than ``seq``, oldest first."""
+        return [e for e in self.events if e.seq > seq]
+
+    # --------------------------------------------------------------- probes
+
+    def apply_probe(self, model_id: str, result: ProbeResult, now: float) -> ProbeApplied:
+        """Fold one probe result into the model's health and score (the seed's evaluate_model).
+
+        When the model is a primary promoted automatically and still on probation, and this
+        result makes it unavailable, the promotion is rolled back at once and the model
+        quarantined.
+        """
+        entry = self.entry(model_id)
+        old = entry.health.status
+        entry.health = apply_probe(entry.health, result, self.config.health, now)
+        entry.score = score(entry.spec, entry.health, self.config.score)
+        record = ProbeRecord(now, result.status, result.reason, result.latency_ms, result.facts)
+        entry.last_probe = record
+        entry.recent.append(record)
+        entry.not_probed = ""
+        self._touch()
+        new = entry.health.status
+        if new is old:
+            return ProbeApplied(old, new, None)
+        event = self._emit(now, EventKind.HEALTH_CHANGED, role=entry.spec.role,
+                           model_id=model_id, reason=result.reason or new.value,
+                           old=old.value, new=new.value, latency_ms=result.latency_ms)
+        changes: tuple[Change, ...] = ()
+        if new is HealthStatus.UNAVAILABLE:
+            changes = tuple(self._probation_rollback(entry, now))
+        return ProbeApplied(old, new, event, changes)
+
+    def _probation_rollback(self, entry: ModelEntry, now: float) -> list[Change]:
+        role = self.roles[entry.spec.role]
+        if role.primary != entry.spec.id or not role.stack:
+            return []
+        if not policy.in_probation(role.promoted_at, role.promoted_automatically, now,
+                                   self.config.policy):
+            return []
+        assert role.promoted_at is not None
+        after = now - role.promoted_at
+        reason = (f"probation: {entry.spec.id} became unavailable {after:.1f}s after its "
+                  f"automatic promotion (probation {self.config.policy.probation:g}s)")
+        changes = self.rollback_model(entry.spec.role, now=now, actor="policy", reason=reason)
+        self.quarantine(entry.spec.id, now=now, reason=reason)
+        return changes
+
+    def mark_not_probed(self, model_id: str, reason: str) -> None:
+        """Record why a model is skipped by the scheduler (offline mode)."""
+        entry = self.entry(model_id)
+        if entry.not_probed != reason:
+            entry.not_probed = reason
+            self._touch()
+
+    def _refresh_offline_marks(self) -> None:
+        for entry in self.models.values():
+            wanted = "" if self.eligible(entry) else "not probed: offline"
+            if entry.not_probed != wanted:
+                entry.not_probed = wanted
+
+    # --------------------------------------------------------------- resolve
+
+    def _unusable_reason(self, entry: ModelEntry, capabilities: Sequence[str]) -> str | None:
+        missing = [tag for tag in capabilities if tag not in entry.spec.capability_tags]
+        if missing:
+            return f"lacks capability {', '.join(missing)}"
+        if not self.eligible(entry):
+            return "remote model, offline mode is on"
+        status = entry.health.status
+        if not status.usable:
+            detail = entry.last_probe.reason if entry.last_probe and entry.last_probe.reason else ""
+            if status is HealthStatus.UNKNOWN and entry.last_probe is None:
+                detail = "not probed yet"
+            return f"{status.value}: {detail}" if detail else status.value
+        return None
+
+    def _preference_order(self, role: str) -> list[ModelEntry]:
+        """Primary, then retired models best score first, then the others best score first."""
+        primary_id = self.roles[role].primary if role in self.roles else None
+        members = self.role_members(role)
+
+        def by_score(e: ModelEntry) -> tuple[float, str]:
+            return (-e.score.total, e.spec.id)
+
+        retired = sorted((e for e in members if e.retired and e.spec.id != primary_id),
+                         key=by_score)
+        others = sorted((e for e in members if not e.retired and e.spec.id != primary_id),
+                        key=by_score)
+        head = [self.models[primary_id]] if primary_id in self.models else []
+        return head + retired + others
+
+    def get_model_for_use(self, role: str = "default",
+                          capabilities: Sequence[str] = ()) -> Resolution:
+        """The model to use now in ``role`` and its ordered fallback chain (resolve).
+
+        Raises UnknownRole when the role has no models, NoUsableModel (with a reason per
+        model) when none is usable.
+        """
+        if role not in self._by_role:
+            roles = ", ".join(sorted(self._by_role)) or "none"
+            raise UnknownRole(f'no models in role "{role}" (roles: {roles})', role=role)
+        chain: list[str] = []
+        reasons: dict[str, str] = {}
+        for entry in self._preference_order(role):
+            why = self._unusable_reason(entry, capabilities)
+            if why is None:
+                chain.append(entry.spec.id)
+            else:
+                reasons[entry.spec.id] = why
+        if not chain:
+            wanted = f" with capability {', '.join(capabilities)}" if capabilities else ""
+            raise NoUsableModel(f'no usable model in role "{role}"{wanted}', reasons)
+        return Resolution(role, chain[0], tuple(chain[1:]))
+
+    # --------------------------------------------------------------- decisions
+
+    def promote_model(self, model_id: str, *, now: float, actor: str = "daemon",
+                      reason: str = "", force: bool = False,
+                      automatic: bool = False) -> list[Change]:
+        """Make ``model_id`` its role's primary; the old primary is retired, kept as fallback.
+
+        Refused for a model that is unavailable or never probed, unless ``force``.
+        Promoting the current primary changes nothing and returns no changes.
+        """
+        entry = self.entry(model_id)
+        role_name = entry.spec.role
+        role = self.roles[role_name]
+        if role.primary == model_id:
+            return []
+        status = entry.health.status
+        if not force and not status.usable:
+            why = (entry.last_probe.reason if entry.last_probe else "") or "not probed yet"
+            raise ModelUnavailable(
+                f'refusing to promote "{model_id}": it is {status.value} ({why}); '
+                f"pass force to promote it anyway", model_id=model_id, health_status=status.value)
+        old = role.primary
+        reason = reason or (f"manual promotion by {actor}" + (" (forced)" if force else ""))
+        role.stack.append(Promotion(old, model_id, now, automatic))
+        del role.stack[:-ROLLBACK_DEPTH]
+        if old is not None and old in self.models:
+            self.models[old].retired = True
+        entry.retired = False
+        role.primary = model_id
+        role.promoted_at = now
+        role.promoted_automatically = automatic
+        if automatic:
+            role.last_auto_promotion_at = now
+        self._record(role, HistoryEntry(now, "promote", old, model_id, reason, actor))
+        self._touch(decision=True)
+        self._emit(now, EventKind.MODEL_PROMOTED, role=role_name, model_id=model_id,
+                   from_id=old, to_id=model_id, reason=reason, actor=actor,
+                   automatic=automatic, forced=force)
+        return [Change(role_name, old, model_id, reason)]
+
+    def _record(self, role: RoleState, entry: HistoryEntry) -> None:
+        role.history.append(entry)
+        del role.history[:-HISTORY_KEPT]
+
+    def _rollback_role(self, role: str | None) -> str:
+        if role is not None:
+            if role not in self.roles:
+                roles = ", ".join(sorted(self.roles)) or "none"
+                raise UnknownRole(f'unknown role "{role}" (roles: {roles})', role=role)
+            return role
+        with_history = sorted(name for name, state in self.roles.items() if state.stack)
+        if "default" in with_history or len(with_history) == 1:
+            return "default" if "default" in with_history else with_history[0]
+        if not with_history:
+            raise NothingToRollBack("no role has a promotion to roll back")
+        raise RoleRequired(f"several roles have promotions to roll back "
+                           f"({', '.join(with_history)}); name one with role")
+
+    def rollback_model(self, role: str | None = None, *, now: float, actor: str = "daemon",
+                       reason: str = "") -> list[Change]:
+        """Undo the role's last promotion: the previous primary returns, the current one is
+        retired. Repeatable, one level per call, as deep as the history goes."""
+        role_name = self._rollback_role(role)
+        state = self.roles[role_name]
+        if not state.stack:
+            raise NothingToRollBack(f'role "{role_name}" has no promotion to roll back',
+                                    role=role_name)
+        promotion = state.stack.pop()
+        current = state.primary
+        restored = promotion.from_id if promotion.from_id in self.models else None
+        if current is not None and current in self.models:
+            self.models[current].retired = True
+        if restored is not None:
+            self.models[restored].retired = False
+        state.primary = restored
+        state.promoted_at = now
+        state.promoted_automatically = False
+        reason = reason or f"manual rollback by {actor}"
+        self._record(state, HistoryEntry(now, "rollback", current, restored, reason, actor))
+        self._touch(decision=True)
+        self._emit(now, EventKind.MODEL_ROLLED_BACK, role=role_name, model_id=restored or "",
+                   from_id=current, to_id=restored, reason=reason, actor=actor)
+        return [Change(role_name, current, restored, reason)]
+
+    def quarantine(self, model_id: str, *, now: float, reason: str) -> None:
+        """Keep a model from automatic promotion for ``policy.quarantine`` seconds."""
+        entry = self.entry(model_id)
+        until = now + self.config.policy.quarantine
+        self.quarantined_until[model_id] = until
+        self._touch(decision=True)
+        self._emit(now, EventKind.MODEL_QUARANTINED, role=entry.spec.role, model_id=model_id,
+                   reason=reason, actor="policy", until=until)
+
+    def set_offline_mode(self, enabled: bool, *, now: float, actor: str = "daemon",
+                         reason: str = "") -> bool:
+        """Turn offline mode on or off; returns whether it changed."""
+        if enabled == self.offline_mode:
+            return False
+        self.offline_mode = enabled
+        self._refresh_offline_marks()
+        self._touch(decision=True)
+        self._emit(now, EventKind.OFFLINE_MODE_CHANGED, reason=reason or f"set by {actor}",
+                   actor=actor, enabled=enabled)
+        return True
+
+    # --------------------------------------------------------------- auto-upgrade
+
+    def _candidate(self, entry: ModelEntry) -> Candidate:
+        return Candidate(entry.spec.id, entry.health.status, entry.score.total,
+                         entry.health.consecutive_successes, self.eligible(entry))
+
+    def auto_upgrade_check(self, now: float) -> list[Suggestion]:
+        """Promotions the policy recommends now, one role at most once; changes nothing."""
+        suggestions = []
+        for role_name in sorted(self._by_role):
+            primary_id = self.roles[role_name].primary
+            primary = self._candidate(self.models[primary_id]) if primary_id else None
+            members = [self._candidate(e) for e in self.role_members(role_name)]
+            found = policy.suggest(role_name, primary, members, self.quarantined_until, now,
+                                   self.config.policy)
+            if found is not None:
+                suggestions.append(found)
+        return suggestions
+
+    def note_suggestions(self, suggestions: Iterable[Suggestion], now: float) -> list[Suggestion]:
+        """Emit an event for each suggestion that is new since the last check of its role."""
+        fresh = []
+        current = {s.role: s for s in suggestions}
+        for role_name in list(self._last_suggestion):
+            if role_name not in current:
+                del self._last_suggestion[role_name]
+        for role_name, suggestion in current.items():
+            key = (suggestion.from_id, suggestion.to_id)
+            if self._last_suggestion.get(role_name) == key:
+                continue
+            self._last_suggestion[role_name] = key
+            fresh.append(suggestion)
+            self._emit(now, EventKind.AUTO_UPGRADE_SUGGESTED, role=role_name,
+                       model_id=suggestion.to_id, from_id=suggestion.from_id,
+                       to_id=suggestion.to_id, reason=suggestion.reason, actor="policy",
+                       score_from=suggestion.score_from, score_to=suggestion.score_to)
+        return fresh
+
+    def auto_upgrade_execute(self, now: float, *, actor: str = "policy",
+                             respect_cooldown: bool = True) -> list[Change]:
+        """Act on the current suggestions. With ``respect_cooldown`` (the timer), a role
+        promoted automatically less than ``cooldown`` ago is left alone unless its primary is
+        unavailable or missing."""
+        changes: list[Change] = []
+        for suggestion in self.auto_upgrade_check(now):
+            role = self.roles[suggestion.role]
+            if respect_cooldown and not suggestion.urgent and policy.cooldown_remaining(
+                    role.last_auto_promotion_at, now, self.config.policy) > 0:
+                continue
+            changes += self.promote_model(suggestion.to_id, now=now, actor=actor,
+                                          reason=f"auto-upgrade: {suggestion.reason}",
+                                          automatic=True)
+        return changes
+
+    # --------------------------------------------------------------- configuration
+
+    def apply_config(self, config: Config, now: float, actor: str = "config") -> ConfigDiff:
+        """Adopt a new configuration: new models start fresh, removed ones leave, changed ones
+        keep their observed state (rescored under the new spec and weights)."""
+        old_ids = set(self.models)
+        new_specs = {spec.id: spec for spec in config.models}
+        added = tuple(sorted(set(new_specs) - old_ids))
+        removed = tuple(sorted(old_ids - set(new_specs)))
+        changed = tuple(sorted(i for i in old_ids & set(new_specs)
+                               if self.models[i].spec != new_specs[i]))
+        self.config = config
+        for model_id in removed:
+            self._remove(model_id, now, actor)
+        for model_id in changed:
+            entry = self.models[model_id]
+            old_role = entry.spec.role
+            entry.spec = new_specs[model_id]
+            if entry.spec.role != old_role:
+                self._leave_role(model_id, old_role, now, actor, "moved to role "
+                                 f"{entry.spec.role} by the configuration")
+                entry.retired = False
+        for model_id in added:
+            self.models[model_id] = ModelEntry(spec=new_specs[model_id])
+        # keep declaration order, so listings follow the config file
+        self.models = {spec.id: self.models[spec.id] for spec in config.models}
+        self.roles = {name: state for name, state in self.roles.items()
+                      if any(e.spec.role == name for e in self.models.values())}
+        self._index_roles()
+        for model_id in added:
+            spec = new_specs[model_id]
+            if spec.primary and self.roles[spec.role].primary is None:
+                self._set_initial_primary(spec, now)
+            self._emit(now, EventKind.MODEL_ADDED, role=spec.role, model_id=model_id,
+                       actor=actor, reason="added by the configuration")
+        for entry in self.models.values():
+            entry.score = score(entry.spec, entry.health, config.score)
+        self._refresh_offline_marks()
+        self._touch(decision=True)
+        return ConfigDiff(added, removed, changed)
+
+    def _remove(self, model_id: str, now: float, actor: str) -> None:
+        entry = self.models.pop(model_id)
+        self.quarantined_until.pop(model_id, None)
+        self._leave_role(model_id, entry.spec.role, now, actor, "removed from the configuration")
+        self._emit(now, EventKind.MODEL_REMOVED, role=entry.spec.role, model_id=model_id,
+                   actor=actor, reason="removed from the configuration")
+
+    def _leave_role(self, model_id: str, role_name: str, now: float, actor: str,
+                    reason: str) -> None:
+        role = self.roles.get(role_name)
+        if role is None:
+            return
+        role.stack = [p for p in role.stack if model_id not in (p.from_id, p.to_id)]
+        if role.primary == model_id:
+            role.primary = None
+            role.promoted_automatically = False
+            self._record(role, HistoryEntry(now, "removed", model_id, None, reason, actor))
+
+    # --------------------------------------------------------------- views
+
+    def model_view(self, model_id: str, *, detail: bool = False) -> dict[str, Any]:
+        """A model as the API shows it: spec and observed state merged, seed names kept."""
+        entry = self.entry(model_id)
+        spec = entry.spec
+        health = entry.health
+        latency = health.p50 if health.p50 is not None else spec.latency_estimate
+        last = entry.last_probe
+        view: dict[str, Any] = {
+            "id": spec.id,
+            "role": spec.role,
+            "provider": spec.provider,
+            "primary": self.is_primary(spec.id),
+            "local": spec.local,
+            "capability_tags": list(spec.capability_tags),
+            "cost_estimate": spec.cost_estimate,
+            "latency_estimate": round(latency, 3),
+            "health_status": health.status.value,
+            "score": round(entry.score.total, 6),
+            "retired": entry.retired,
+            "local_path": spec.local_path,
+            "last_probe": None if last is None else {
+                "at": last.at, "ok": last.ok, "reason": last.reason,
+                "latency_ms": None if last.latency_ms is None else round(last.latency_ms, 3),
+            },
+            "model": spec.upstream_name,
+            "endpoint": spec.endpoint,
+            "quality": spec.quality,
+            "eligible": self.eligible(entry),
+            "not_probed": entry.not_probed,
+            "quarantined_until": self.quarantined_until.get(spec.id),
+        }
+        if detail:
+            view["score_parts"] = entry.score.to_json()
+            view["health"] = {
+                "status": health.status.value,
+                "consecutive_successes": health.consecutive_successes,
+                "consecutive_failures": health.consecutive_failures,
+                "success_rate": round(health.success_rate, 6),
+                "latency_p50_ms": health.p50,
+                "latency_p95_ms": health.p95,
+                "probes_total": health.probes_total,
+                "failures_total": health.failures_total,
+                "changed_at": health.changed_at,
+            }
+            view["recent_probes"] = [r.to_json() for r in reversed(entry.recent)]
+            view["capabilities"] = list(spec.capability_tags)
+            view["deep"] = spec.deep
+            view["api_key_env"] = spec.api_key_env
+        return view
+
+    def health_counts(self) -> dict[str, int]:
+        """How many models are in each health status."""
+        counts = {status.value: 0 for status in HealthStatus}
+        for entry in self.models.values():
+            counts[entry.health.status.value] += 1
+        return counts
+
+    def role_view(self, role_name: str) -> dict[str, Any]:
+        role = self.roles[role_name]
+        return {
+            "primary": role.primary,
+            "promoted_at": role.promoted_at,
+            "promoted_automatically": role.promoted_automatically,
+            "rollback_depth": len(role.stack),
+            "history": [h.to_json() for h in role.history[-20:]],
+        }
+
+    # --------------------------------------------------------------- persistence
+
+    def to_state(self, events_kept: int = 200) -> dict[str, Any]:
+        """Everything worth keeping across restarts, as JSON-ready data (never a secret)."""
+        models = {}
+        for model_id, entry in self.models.items():
+            h = entry.health
+            models[model_id] = {
+                "status": h.status.value,
+                "consecutive_successes": h.consecutive_successes,
+                "consecutive_failures": h.consecutive_failures,
+                "window": [[s.ok, s.latency_ms] for s in h.window],
+                "probes_total": h.probes_total,
+                "failures_total": h.failures_total,
+                "changed_at": h.changed_at,
+                "retired": entry.retired,
+                "score": round(entry.score.total, 6),
+                "latency_p50_ms": h.p50,
+                "recent": [r.to_json() for r in entry.recent],
+                "not_probed": entry.not_probed,
+            }
+        roles = {
+            name: {
+                "primary": state.primary,
+                "stack": [p.to_json() for p in state.stack],
+                "history": [h.to_json() for h in state.history],
+                "promoted_at": state.promoted_at,
+                "promoted_automatically": state.promoted_automatically,
+                "last_auto_promotion_at": state.last_auto_promotion_at,
+            }
+            for name, state in self.roles.items()
+        }
+        events = list(self.events)[-events_kept:] if events_kept else []
+        return {
+            "offline_mode": self.offline_mode,
+            "models": models,
+            "roles": roles,
+            "quarantine": dict(self.quarantined_until),
+            "event_seq": self.event_seq,
+            "events": [e.to_json() for e in events],
+        }
+
+    @classmethod
+    def from_state(cls, config: Config, data: Mapping[str, Any], now: float, *,
+                   offline_override: bool | None = None) -> ModelRegistry:
+        """A registry for ``config`` with the observed state in ``data`` restored.
+
+        State of models no longer declared is dropped; roles keep their primary only if it is
+        still declared in that role. Raises StateShapeError when ``data`` is not a state.
+        """
+        try:
+            return cls._from_state(config, data, now, offline_override)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise StateShapeError(f"{type(exc).__name__}: {exc}") from exc
+
+    @classmethod
+    def _from_state(cls, config: Config, data: Mapping[str, Any], now: float,
+                    offline_override: bool | None) -> ModelRegistry:
+        registry = cls.__new__(cls)
+        registry.config = config
+        registry.models = {spec.id: ModelEntry(spec=spec) for spec in config.models}
+        registry.roles = {}
+        registry.offline_mode = bool(data["offline_mode"])
+        if offline_override is not None:
+            registry.offline_mode = offline_override
+        registry.events = deque((Event.from_json(e) for e in data.get("events", [])),
+                                maxlen=EVENTS_KEPT)
+        registry.event_seq = int(data.get("event_seq", 0))
+        registry.version = 0
+        registry.decision_version = 0
+        registry.listeners = []
+        registry._last_suggestion = {}
+        registry.quarantined_until = {
+            str(k): float(v) for k, v in dict(data.get("quarantine", {})).items()
+            if k in registry.models and float(v) > now
+        }
+        for model_id, raw in dict(data["models"]).items():
+            entry = registry.models.get(model_id)
+            if entry is None:
+                continue
+            window = tuple(Sample(bool(ok), None if lat is None else float(lat))
+                           for ok, lat in raw.get("window", []))[-config.health.window:]
+            entry.health = HealthState(
+                status=HealthStatus(raw["status"]),
+                consecutive_successes=int(raw.get("consecutive_successes", 0)),
+                consecutive_failures=int(raw.get("consecutive_failures", 0)),
+                window=window,
+                probes_total=int(raw.get("probes_total", 0)),
+                failures_total=int(raw.get("failures_total", 0)),
+                changed_at=raw.get("changed_at"),
+            )
+            entry.retired = bool(raw.get("retired", False))
+            entry.recent.extend(ProbeRecord.from_json(r) for r in raw.get("recent", []))
+            entry.last_probe = entry.recent[-1] if entry.recent else None
+            entry.score = score(entry.spec, entry.health, config.score)
+        registry._index_roles()
+        for role_name, raw in dict(data["roles"]).items():
+            if role_name not in registry.roles:
+                continue
+            members = set(registry._by_role[role_name])
+            state = registry.roles[role_name]
+            primary = raw.get("primary")
+            state.primary = primary if primary in members else None
+            state.stack = [p for p in (Promotion.from_json(x) for x in raw.get("stack", []))
+                           if p.to_id in members and (p.from_id is None or p.from_id in members)]
+            state.history = [HistoryEntry.from_json(h) for h in raw.get("history", [])]
+            state.promoted_at = raw.get("promoted_at")
+            state.promoted_automatically = bool(raw.get("promoted_automatically", False))
+            state.last_auto_promotion_at = raw.get("last_auto_promotion_at")
+        for role_name, state in registry.roles.items():
+            if state.primary is None and not state.history:
+                declared = next((registry.models[m].spec for m in registry._by_role[role_name]
+                                 if registry.models[m].spec.primary), None)
+                if declared is not None:
+                    registry._set_initial_primary(declared, now)
+        for state in registry.roles.values():
+            if state.primary is not None:
+                registry.models[state.primary].retired = False
+        registry._refresh_offline_marks()
+        return registry
+
+
+def _jsonable(facts: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in facts.items():
+        if value is None or isinstance(value, bool | int | float | str):
+            out[str(key)] = value
+        elif isinstance(value, list | tuple):
+            out[str(key)] = [v if isinstance(v, bool | int | float | str) else str(v)
+                             for v in value]
+        else:
+            out[str(key)] = str(value)
+    return out
+

@@ -1,0 +1,241 @@
+"""The state file: versioned JSON, written atomically, never lost, never half-written.
+
+Writing follows atomicwrites / pip's ``adjacent_tmp_file``: a temp file in the same
+directory, write, flush, fsync, set the mode, ``os.replace``, fsync the directory; the temp
+file is removed on any error, so the old state stays intact. Loading keeps a corrupt file
+aside as ``<name>.corrupt-<UTC time>`` and starts fresh; a file from a newer schema is refused,
+never overwritten. An exclusive ``flock`` on ``<name>.lock`` allows one daemon per state file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+STATE_MODE = 0o640
+
+#: Upgrades from an older schema: version → function turning that version's data into the next.
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
+class StateError(Exception):
+    """The state file cannot be used; the message says why and what to do."""
+
+
+class StateLocked(StateError):
+    """Another process holds the state lock."""
+
+    def __init__(self, message: str, holder_pid: int | None) -> None:
+        super().__init__(message)
+        self.holder_pid = holder_pid
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """What loading found: the data (None for a fresh start) and what happened on the way."""
+
+    data: dict[str, Any] | None
+    corrupt_copy: str | None = None  # where a corrupt file was kept aside
+    problem: str = ""  # why it was corrupt
+    migrated_from: int | None = None
+
+
+class StateStore:
+    """The state file at ``path`` and its lock file beside it."""
+
+    def __init__(self, path: str | os.PathLike[str], *, mode: int = STATE_MODE) -> None:
+        self.path = Path(path)
+        self.mode = mode
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self._lock_fd: int | None = None
+
+    # ------------------------------------------------------------------- lock
+
+    def lock(self) -> None:
+        """Take the exclusive lock; raises StateLocked naming the holder's pid."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            raise StateError(f"cannot create lock file {self.lock_path}: "
+                             f"{exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            who = f"pid {holder}" if holder else "another process"
+            raise StateLocked(f"state file {self.path} is in use by another modeld ({who}); "
+                              "stop it first, or give this one another state_file",
+                              holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        """Release the lock (the lock file stays; it is harmless and reused)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # ------------------------------------------------------------------- checks
+
+    def check_writable(self) -> None:
+        """Raise StateError when the state directory is missing or not writable."""
+        directory = self.path.parent
+        if not directory.is_dir():
+            raise StateError(f"state directory {directory} does not exist; create it "
+                             "(systemd: StateDirectory=modeld) or set daemon.state_file")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise StateError(f"state directory {directory} is not writable by uid "
+                             f"{os.getuid()}; fix its permissions or set daemon.state_file")
+        probe = directory / f".{self.path.name}.probe-{os.getpid()}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise StateError(f"state directory {directory} is not writable: "
+                             f"{exc.strerror or exc}") from None
+
+    # ------------------------------------------------------------------- load
+
+    def load(self) -> Loaded:
+        """The saved state; a missing file → fresh; a corrupt one is kept aside → fresh.
+
+        Raises StateError for a file written by a newer modeld, or one that cannot be read.
+        """
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return Loaded(None)
+        except OSError as exc:
+            raise StateError(f"cannot read state file {self.path}: {exc.strerror or exc}") from None
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return self._set_aside(f"not valid JSON: {exc}")
+        if not isinstance(data, dict) or not isinstance(data.get("schema_version"), int):
+            return self._set_aside("not a modeld state (no integer schema_version)")
+        version = data["schema_version"]
+        if version > SCHEMA_VERSION:
+            raise StateError(
+                f"state file {self.path} has schema_version {version}, newer than this "
+                f"modeld understands ({SCHEMA_VERSION}); upgrade modeld or move the file "
+                "away (it is left untouched)")
+        migrated_from = None
+        if version < SCHEMA_VERSION:
+            migrated_from = version
+            while version < SCHEMA_VERSION:
+                step = MIGRATIONS.get(version)
+                if step is None:
+                    return self._set_aside(f"no migration from schema_version {version}")
+                data = step(data)
+                version += 1
+            data["schema_version"] = SCHEMA_VERSION
+        return Loaded(data, migrated_from=migrated_from)
+
+    def set_aside(self, problem: str) -> Loaded:
+        """Keep the current file aside as corrupt (for data that parsed but made no sense)."""
+        return self._set_aside(problem)
+
+    def _set_aside(self, problem: str) -> Loaded:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+        os.replace(self.path, target)
+        _fsync_dir(self.path.parent)
+        return Loaded(None, corrupt_copy=str(target), problem=problem)
+
+    # ------------------------------------------------------------------- write
+
+    def encode(self, data: dict[str, Any], now: float | None = None) -> bytes:
+        """The file's bytes for ``data``: schema_version stamped, keys sorted."""
+        payload = dict(data)
+        payload["schema_version"] = SCHEMA_VERSION
+        payload["saved_at"] = time.time() if now is None else now
+        return json.dumps(payload, sort_keys=True, separators=(",", ":"),
+                          allow_nan=False).encode() + b"\n"
+
+    def write_bytes(self, content: bytes) -> None:
+        """Replace the state file with ``content`` atomically and durably.
+
+        On any error the old file is intact, the temp file is gone and OSError is raised.
+        """
+        directory = self.path.parent
+        tmp = directory / f".{self.path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.mode)
+        try:
+            try:
+                view = memoryview(content)
+                while view:
+                    written = os.write(fd, view)
+                    if written <= 0:  # pragma: no cover - os.write raises rather than return 0
+                        raise OSError(errno.EIO, "short write")
+                    view = view[written:]
+                os.fchmod(fd, self.mode)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(directory)
+
+    def write(self, data: dict[str, Any], now: float | None = None) -> int:
+        """Encode and write ``data``; returns the size in bytes."""
+        content = self.encode(data, now)
+        self.write_bytes(content)
+        return len(content)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode().strip()
+        return int(text) if text else None
+    except (OSError, ValueError):
+        return None
+
+
+def check_state_shape(data: Any) -> list[str]:
+    """Problems that make ``data`` not a valid state of this schema (empty when it is)."""
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        return ["state is not a JSON object"]
+    expected: dict[str, type | tuple[type, ...]] = {
+        "schema_version": int, "offline_mode": bool, "models": dict, "roles": dict,
+        "quarantine": dict, "event_seq": int, "events": list, "saved_at": (int, float),
+    }
+    for key, kind in expected.items():
+        if key not in data:
+            problems.append(f"missing key {key}")
+        elif not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool)):
+            problems.append(f"{key} has the wrong type ({type(data[key]).__name__})")
+    for model_id, model in (data.get("models") or {}).items():
+        if not isinstance(model, dict) or "status" not in model or "retired" not in model:
+            problems.append(f"models.{model_id} lacks status or retired")
+    for role, state in (data.get("roles") or {}).items():
+        if not isinstance(state, dict) or "primary" not in state or "history" not in state:
+            problems.append(f"roles.{role} lacks primary or history")
+    return problems
