@@ -1,0 +1,840 @@
+"""The control socket's HTTP/1.1 server: h11 framing over any anyio listener, with limits.
+
+h11 does the HTTP framing. This module owns only what h11 leaves to a server: the connection
+loop, keep-alive, the limits a local daemon needs so that no client can hurt it (header and
+body size, a read deadline per request, a cap on connections, a write deadline), streaming
+responses, and a graceful shutdown. Routing lives in the handler (``daemon.api``).
+
+Usage, from a supervisor::
+
+    listener = await create_unix_listener(cfg.daemon.socket, cfg.daemon.socket_mode)
+    server = HTTPServer(api.handle, Limits(max_connections=cfg.daemon.max_connections), log)
+    await tg.start(server.serve, listener)
+    ...
+    await server.shutdown(grace=cfg.daemon.shutdown_grace)
+"""
+
+from __future__ import annotations
+
+import errno
+import json as jsonlib
+import os
+import socket
+import stat
+import struct
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qs, unquote
+
+import anyio
+import anyio.abc
+import anyio.streams.stapled
+import h11
+import structlog
+
+__all__ = [
+    "HTTPError",
+    "HTTPServer",
+    "Handler",
+    "Limits",
+    "Peer",
+    "Request",
+    "Response",
+    "SocketInUseError",
+    "StreamingResponse",
+    "UnixListener",
+    "create_tcp_listener",
+    "create_unix_listener",
+    "error_body",
+    "peer_credentials",
+    "unix_listener_from_fd",
+]
+
+_RECEIVE_SIZE = 65536
+SERVER_NAME = b"modeld"
+
+
+# ----------------------------------------------------------------------------- data types
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The process at the other end of a Unix socket, from ``SO_PEERCRED``."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one client may cost the server."""
+
+    max_header_bytes: int = 16 * 1024  # request line + headers; more → 413
+    max_body_bytes: int = 1024 * 1024  # more → 413
+    read_timeout: float = 10.0  # a whole request must arrive within this → else 408 and close
+    keepalive_timeout: float = 30.0  # idle time between requests before the server closes
+    write_timeout: float = 10.0  # a client that stops reading is dropped after this
+    max_connections: int = 1024  # more → 503 and close
+
+
+class HTTPError(Exception):
+    """An error answer: rendered as ``{"error": {"code", "message", **extra}}`` with ``status``."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+    def to_response(self, headers: Sequence[tuple[str, str]] = ()) -> Response:
+        """The JSON error response."""
+        return Response.json(
+            error_body(self.code, self.message, **self.extra), self.status, headers=headers
+        )
+
+    def __repr__(self) -> str:
+        return f"HTTPError({self.status}, {self.code!r}, {self.message!r})"
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    """The error document every route answers with: ``{"error": {"code", "message", ...}}``."""
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+@dataclass(slots=True)
+class Request:
+    """One HTTP request, complete with its body (bodies are small and capped)."""
+
+    method: str
+    path: str  # percent-decoded, without the query string
+    query: dict[str, list[str]]
+    headers: list[tuple[str, str]]  # names lower-cased, in arrival order
+    body: bytes = b""
+    peer: Peer | None = None  # None over TCP
+    target: str = ""  # the raw request target, for logs
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        """The first value of header ``name`` (case-insensitive)."""
+        name = name.lower()
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return default
+
+    def query_one(self, name: str, default: str | None = None) -> str | None:
+        """The last value of query parameter ``name``."""
+        values = self.query.get(name)
+        return values[-1] if values else default
+
+    def json(self) -> Any:
+        """The body parsed as JSON; an empty body is ``{}``. Raises ``HTTPError(400)``."""
+        if not self.body.strip():
+            return {}
+        try:
+            return jsonlib.loads(self.body)
+        except UnicodeDecodeError as exc:
+            raise HTTPError(400, "invalid_json", f"request body is not UTF-8: {exc}") from exc
+        except ValueError as exc:
+            raise HTTPError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
+
+
+@dataclass(slots=True)
+class Response:
+    """A complete response."""
+
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: Sequence[tuple[str, str]] = ()
+
+    @classmethod
+    def json(cls, obj: Any, status: int = 200, headers: Sequence[tuple[str, str]] = ()) -> Response:
+        """Compact UTF-8 JSON, ``application/json``."""
+        body = jsonlib.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+        return cls(status, body + b"\n", "application/json", headers)
+
+    @classmethod
+    def text(
+        cls,
+        text: str,
+        status: int = 200,
+        content_type: str = "text/plain; charset=utf-8",
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> Response:
+        """A text response (``/metrics`` uses this with the Prometheus content type)."""
+        return cls(status, text.encode(), content_type, headers)
+
+
+@dataclass(slots=True)
+class StreamingResponse:
+    """A response whose body is sent chunk by chunk (chunked transfer encoding) as it comes.
+
+    The stream ends when ``chunks`` is exhausted, when the client goes away, or when the
+    server shuts down; the connection is closed after it. If ``chunks`` has ``aclose`` it is
+    called in every case, so an async generator's ``finally`` runs.
+    """
+
+    chunks: AsyncIterable[bytes]
+    status: int = 200
+    content_type: str = "application/x-ndjson"
+    headers: Sequence[tuple[str, str]] = ()
+
+
+Handler = Callable[[Request], Awaitable[Response | StreamingResponse]]
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def peer_credentials(stream: anyio.abc.AnyByteStream) -> Peer | None:
+    """The peer's pid, uid and gid if ``stream`` is a Unix socket, else None."""
+    raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+    if raw is None or raw.family != socket.AF_UNIX or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    try:
+        creds = raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid, uid, gid = struct.unpack("3i", creds)
+    return Peer(pid, uid, gid)
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+class _ClientGone(Exception):
+    """The client closed, reset, or stopped reading; nothing more can be said to it."""
+
+
+@dataclass(eq=False)
+class _Connection:
+    stream: anyio.abc.AnyByteStream
+    peer: Peer | None
+    h11: h11.Connection
+    idle_scope: anyio.CancelScope | None = None  # set while waiting for a request's first byte
+    stream_scope: anyio.CancelScope | None = None  # set while sending a streaming body
+    in_flight: bool = False
+    closing: bool = False
+    log: Any = None
+
+
+@dataclass(eq=False)
+class _Serving:
+    accept_scope: anyio.CancelScope
+    conn_group: anyio.abc.TaskGroup
+    done: anyio.Event
+
+
+class HTTPServer:
+    """An HTTP/1.1 server calling ``handler`` for every request.
+
+    ``serve`` may be started once per listener (they share the limits and the shutdown).
+    """
+
+    def __init__(
+        self, handler: Handler, limits: Limits | None = None, log: Any | None = None
+    ) -> None:
+        self.handler = handler
+        self.limits = limits or Limits()
+        self.log = log if log is not None else structlog.get_logger("modeld.http")
+        self._connections: set[_Connection] = set()
+        self._servings: list[_Serving] = []
+        self._closing = False
+        self._drained = anyio.Event()
+
+    @property
+    def connections(self) -> int:
+        """Connections open now (not counting ones being turned away)."""
+        return len(self._connections)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests whose head has arrived and whose response is not yet complete."""
+        return sum(1 for conn in self._connections if conn.in_flight)
+
+    @property
+    def closing(self) -> bool:
+        """Whether shutdown has begun."""
+        return self._closing
+
+    async def serve(
+        self,
+        listener: anyio.abc.Listener[Any],
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept and serve connections on ``listener`` until ``shutdown`` (or cancellation).
+
+        Calls ``task_status.started()`` once accepting. Closes the listener when accepting
+        stops, then returns when every connection has finished.
+        """
+        if self._closing:
+            raise RuntimeError("this server has been shut down")
+        done = anyio.Event()
+        try:
+            async with anyio.create_task_group() as conn_group:
+                serving = _Serving(anyio.CancelScope(), conn_group, done)
+                self._servings.append(serving)
+                try:
+                    with serving.accept_scope:
+                        task_status.started()
+                        await self._accept_loop(listener, conn_group)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await listener.aclose()
+        finally:
+            done.set()
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting; let in-flight requests finish within ``grace`` s, then cancel the rest.
+
+        Idle keep-alive connections are closed at once and open streams are ended cleanly
+        (their chunked body is terminated). Returns when every ``serve`` has returned.
+        """
+        self._closing = True
+        for serving in self._servings:
+            serving.accept_scope.cancel()
+        for conn in list(self._connections):
+            self._wind_down(conn)
+        if self._connections:
+            with anyio.move_on_after(grace):
+                await self._drained.wait()
+        if self._connections:
+            self.log.warning(
+                "http_shutdown_cancelled_requests",
+                connections=len(self._connections),
+                in_flight=self.in_flight,
+            )
+        for serving in self._servings:
+            serving.conn_group.cancel_scope.cancel()
+        for serving in self._servings:
+            await serving.done.wait()
+
+    @staticmethod
+    def _wind_down(conn: _Connection) -> None:
+        conn.closing = True
+        if conn.idle_scope is not None:
+            conn.idle_scope.cancel()
+        if conn.stream_scope is not None:
+            conn.stream_scope.cancel()
+
+    # ------------------------------------------------------------------ accepting
+
+    async def _accept_loop(
+        self, listener: anyio.abc.Listener[Any], conn_group: anyio.abc.TaskGroup
+    ) -> None:
+        if isinstance(listener, anyio.streams.stapled.MultiListener):
+            async with anyio.create_task_group() as group:
+                for sub in listener.listeners:
+                    group.start_soon(self._accept_loop, sub, conn_group)
+            return
+        accept = getattr(listener, "accept", None)
+        if accept is None:  # a listener we do not know: let it accept for us
+            await listener.serve(self._on_connect, conn_group)
+            return
+        while True:
+            try:
+                stream = await accept()
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                # Out of descriptors: back off instead of spinning; clients wait in the backlog.
+                self.log.error("http_accept_failed", error=str(exc))
+                await anyio.sleep(0.1)
+                continue
+            conn_group.start_soon(self._on_connect, stream)
+
+    async def _on_connect(self, stream: anyio.abc.AnyByteStream) -> None:
+        if len(self._connections) >= self.limits.max_connections or self._closing:
+            await self._turn_away(stream)
+            return
+        conn = _Connection(
+            stream=stream,
+            peer=peer_credentials(stream),
+            h11=h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes),
+            log=self.log,
+        )
+        self._connections.add(conn)
+        try:
+            await self._serve_connection(conn)
+        except _ClientGone:
+            pass
+        except Exception:
+            # The loop already turns every request-level error into a response; reaching here
+            # is a bug in this module. Log it; never let it take the server down.
+            self.log.exception("http_connection_failed")
+        finally:
+            self._connections.discard(conn)
+            with anyio.CancelScope(shield=True):
+                await _close(stream)
+            if self._closing and not self._connections:
+                self._drained.set()
+
+    async def _turn_away(self, stream: anyio.abc.AnyByteStream) -> None:
+        """Answer 503 without reading the request, then close."""
+        if self._closing:
+            status, message = 503, "the daemon is shutting down"
+        else:
+            status = 503
+            message = f"too many connections (limit {self.limits.max_connections}); retry later"
+        self.log.warning("http_connection_refused", reason=message)
+        body = jsonlib.dumps(error_body("too_many_connections", message)).encode() + b"\n"
+        head = (
+            f"HTTP/1.1 {status} Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
+        ).encode()
+        try:
+            with anyio.move_on_after(1.0):
+                await stream.send(head + body)
+                await _linger(stream, 0.2)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _close(stream)
+
+    # ------------------------------------------------------------------ one connection
+
+    async def _serve_connection(self, conn: _Connection) -> None:
+        first = True
+        while not conn.closing:
+            request = await self._read_request(conn, first)
+            first = False
+            if request is None:
+                return
+            conn.in_flight = True
+            try:
+                keep_going = await self._respond(conn, request)
+            finally:
+                conn.in_flight = False
+            if not keep_going or conn.h11.our_state is h11.MUST_CLOSE:
+                return
+            if conn.h11.our_state is not h11.DONE or conn.h11.their_state is not h11.DONE:
+                return
+            conn.h11.start_next_cycle()
+
+    async def _read_request(self, conn: _Connection, first: bool) -> Request | None:
+        """The next complete request, or None when the connection should just close."""
+        limits = self.limits
+        # Before the first byte the connection is idle: the keep-alive timeout applies (the read
+        # timeout for a connection's first request: connecting and saying nothing is a slowloris
+        # too). From the first byte on, the whole request must arrive within the read timeout.
+        idle_deadline = anyio.current_time() + (
+            limits.read_timeout if first else limits.keepalive_timeout
+        )
+        deadline: float | None = None
+        head: h11.Request | None = None
+        body = bytearray()
+        try:
+            while True:
+                event = conn.h11.next_event()
+                if event is h11.NEED_DATA:
+                    if conn.h11.they_are_waiting_for_100_continue:
+                        await self._send(conn, h11.InformationalResponse(status_code=100))
+                    if deadline is None and not conn.h11.trailing_data[0]:
+                        data = await self._receive_idle(conn, idle_deadline)
+                        if data is None:
+                            return None
+                        deadline = anyio.current_time() + limits.read_timeout
+                        conn.h11.receive_data(data)
+                        continue
+                    if deadline is None:  # pipelined bytes of this request were buffered
+                        deadline = anyio.current_time() + limits.read_timeout
+                    with anyio.move_on_at(deadline):
+                        conn.h11.receive_data(await _receive(conn.stream))
+                        continue
+                    await self._refuse(
+                        conn,
+                        408,
+                        "request_timeout",
+                        f"the request did not arrive within {limits.read_timeout:g} s",
+                    )
+                    return None
+                elif isinstance(event, h11.Request):
+                    head = event
+                    length = _content_length(event)
+                    if length is not None and length > limits.max_body_bytes:
+                        await self._refuse(
+                            conn,
+                            413,
+                            "body_too_large",
+                            f"request body of {length} bytes is over the limit "
+                            f"of {limits.max_body_bytes} bytes",
+                        )
+                        return None
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                    if len(body) > limits.max_body_bytes:
+                        await self._refuse(
+                            conn,
+                            413,
+                            "body_too_large",
+                            f"request body is over the limit of {limits.max_body_bytes} bytes",
+                        )
+                        return None
+                elif isinstance(event, h11.EndOfMessage):
+                    assert head is not None
+                    return _make_request(head, bytes(body), conn.peer)
+                elif isinstance(event, h11.ConnectionClosed):
+                    return None
+                else:  # pragma: no cover - h11 yields nothing else to a server here
+                    return None
+        except h11.RemoteProtocolError as exc:
+            if exc.error_status_hint == 431:
+                await self._refuse(
+                    conn,
+                    413,
+                    "headers_too_large",
+                    f"request line and headers are over the limit of "
+                    f"{limits.max_header_bytes} bytes",
+                )
+            else:
+                await self._refuse(
+                    conn, exc.error_status_hint, "bad_request", f"malformed HTTP request: {exc}"
+                )
+            return None
+
+    async def _receive_idle(self, conn: _Connection, deadline: float) -> bytes | None:
+        """The first bytes of the next request; None on timeout, shutdown or EOF."""
+        if conn.closing:
+            return None
+        with anyio.CancelScope(deadline=deadline) as scope:
+            conn.idle_scope = scope
+            try:
+                data = await _receive(conn.stream)
+            finally:
+                conn.idle_scope = None
+        if scope.cancelled_caught:
+            return None
+        return data or None
+
+    async def _respond(self, conn: _Connection, request: Request) -> bool:
+        """Run the handler and send its answer; whether the connection may be reused."""
+        try:
+            result = await self.handler(request)
+            if not isinstance(result, Response | StreamingResponse):
+                raise TypeError(f"handler returned {type(result).__name__}, not a Response")
+        except HTTPError as exc:
+            result = exc.to_response()
+        except Exception:
+            self.log.exception(
+                "http_handler_failed",
+                method=request.method,
+                path=request.path,
+                peer_pid=request.peer.pid if request.peer else None,
+            )
+            result = HTTPError(
+                500,
+                "internal_error",
+                f"internal error while handling {request.method} {request.path}; "
+                "the daemon log has the details",
+            ).to_response()
+        if isinstance(result, StreamingResponse):
+            await self._send_stream(conn, request, result)
+            return False
+        await self._send_response(conn, request, result)
+        return True
+
+    def _head(
+        self,
+        status: int,
+        content_type: str,
+        extra: Sequence[tuple[str, str]],
+        length: int | None,
+        close: bool,
+    ) -> h11.Response:
+        headers: list[tuple[bytes, bytes]] = [
+            (b"server", SERVER_NAME),
+            (b"content-type", content_type.encode()),
+        ]
+        if length is not None:
+            headers.append((b"content-length", str(length).encode()))
+        headers.extend((k.encode(), v.encode()) for k, v in extra)
+        if close:
+            headers.append((b"connection", b"close"))
+        return h11.Response(status_code=status, headers=headers, reason=_reason(status))
+
+    async def _send_response(self, conn: _Connection, request: Request, resp: Response) -> None:
+        close = conn.closing or self._closing
+        head = self._head(resp.status, resp.content_type, resp.headers, len(resp.body), close)
+        events: list[h11.Event] = [head]
+        if request.method != "HEAD" and resp.body:
+            events.append(h11.Data(data=resp.body))
+        events.append(h11.EndOfMessage())
+        await self._send(conn, *events)
+
+    async def _send_stream(
+        self, conn: _Connection, request: Request, resp: StreamingResponse
+    ) -> None:
+        chunks = resp.chunks
+        try:
+            head = self._head(resp.status, resp.content_type, resp.headers, None, True)
+            await self._send(conn, head)
+            if request.method == "HEAD":
+                return
+            conn.in_flight = False  # a stream is not a request a shutdown should wait for
+            hung_up = anyio.Event()
+            gone = False
+            with anyio.CancelScope() as scope:
+                conn.stream_scope = scope
+                if conn.closing:
+                    scope.cancel()
+                async with anyio.create_task_group() as group:
+                    group.start_soon(_watch_for_hangup, conn.stream, scope, hung_up)
+                    try:
+                        async for chunk in chunks:
+                            if chunk:
+                                await self._send(conn, h11.Data(data=chunk))
+                    except _ClientGone:
+                        gone = True
+                    except Exception:
+                        self.log.exception("http_stream_failed", path=request.path)
+                    group.cancel_scope.cancel()
+            conn.stream_scope = None
+            if gone or hung_up.is_set():
+                return
+            # Ended by its source or by shutdown: terminate the chunked body properly.
+            await self._send(conn, h11.EndOfMessage())
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True), suppress(Exception):
+                    await aclose()
+
+    async def _refuse(self, conn: _Connection, status: int, code: str, message: str) -> None:
+        """Answer an unusable request with an error, then close (after draining a little)."""
+        self.log.info("http_request_refused", status=status, code=code, reason=message)
+        if conn.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        resp = HTTPError(status, code, message).to_response()
+        head = self._head(resp.status, resp.content_type, (), len(resp.body), True)
+        try:
+            await self._send(conn, head, h11.Data(data=resp.body), h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            return
+        # Read (and drop) what the client is still sending, so it gets to read our answer
+        # instead of a reset; bounded so this cannot hold a slot.
+        with suppress(Exception):
+            await conn.stream.send_eof()
+        await _linger(conn.stream, 1.0)
+
+    async def _send(self, conn: _Connection, *events: h11.Event) -> None:
+        data = b"".join(chunk for e in events if (chunk := conn.h11.send(e)) is not None)
+        if not data:
+            return
+        try:
+            with anyio.fail_after(self.limits.write_timeout):
+                await conn.stream.send(data)
+        except TimeoutError as exc:
+            raise _ClientGone("write timed out") from exc
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            raise _ClientGone(str(exc)) from exc
+
+
+async def _receive(stream: anyio.abc.AnyByteStream) -> bytes:
+    """Up to 64 KiB; b"" at end of stream or when the connection broke."""
+    try:
+        return await stream.receive(_RECEIVE_SIZE)
+    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        return b""
+
+
+async def _watch_for_hangup(
+    stream: anyio.abc.AnyByteStream, scope: anyio.CancelScope, hung_up: anyio.Event
+) -> None:
+    """End a streaming response as soon as the client hangs up (the stream may be idle)."""
+    while await _receive(stream):
+        pass
+    hung_up.set()
+    scope.cancel()
+
+
+async def _linger(stream: anyio.abc.AnyByteStream, seconds: float) -> None:
+    with anyio.move_on_after(seconds):
+        while await _receive(stream):
+            pass
+
+
+async def _close(stream: anyio.abc.AnyByteStream) -> None:
+    with suppress(Exception):
+        await stream.aclose()
+
+
+def _content_length(event: h11.Request) -> int | None:
+    for name, value in event.headers:
+        if name == b"content-length":
+            return int(value)  # h11 has validated it
+    return None
+
+
+def _make_request(head: h11.Request, body: bytes, peer: Peer | None) -> Request:
+    target = head.target.decode("ascii", "replace")
+    raw_path, _, raw_query = target.partition("?")
+    if raw_path.startswith(("http://", "https://")):  # absolute-form
+        raw_path = "/" + raw_path.split("://", 1)[1].partition("/")[2]
+    return Request(
+        method=head.method.decode("ascii", "replace"),
+        path=unquote(raw_path, errors="replace"),
+        query=parse_qs(raw_query, keep_blank_values=True),
+        headers=[(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in head.headers],
+        body=body,
+        peer=peer,
+        target=target,
+    )
+
+
+# ----------------------------------------------------------------------------- listeners
+
+
+class SocketInUseError(OSError):
+    """A live socket, or something that is not a socket, is in the way."""
+
+
+class UnixListener(anyio.abc.Listener[anyio.abc.SocketStream]):
+    """An anyio socket listener on a Unix socket that removes its file when closed.
+
+    The file is removed only if it is still the one this listener created (same device and
+    inode): a successor that replaced it is left alone. Listeners from systemd socket
+    activation never remove the file (systemd owns it).
+    """
+
+    def __init__(
+        self, inner: anyio.abc.SocketListener, path: str, ident: tuple[int, int] | None
+    ) -> None:
+        self.inner = inner
+        self.path = path
+        self._ident = ident
+
+    async def accept(self) -> anyio.abc.SocketStream:
+        """The next connection."""
+        return await self.inner.accept()
+
+    async def serve(
+        self,
+        handler: Callable[[anyio.abc.SocketStream], Any],
+        task_group: anyio.abc.TaskGroup | None = None,
+    ) -> None:
+        """Accept forever, calling ``handler`` for each connection."""
+        await self.inner.serve(handler, task_group)
+
+    async def aclose(self) -> None:
+        """Close the socket and remove its file if it is still ours."""
+        await self.inner.aclose()
+        if self._ident is None:
+            return
+        ident, self._ident = self._ident, None
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if (st.st_dev, st.st_ino) == ident:
+            with suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return self.inner.extra_attributes
+
+
+def _clear_socket_path(path: str) -> None:
+    """Make way for a new socket at ``path``: remove a stale socket, refuse anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketInUseError(
+            errno.EEXIST,
+            f"{path} exists and is not a socket; refusing to replace it (move it away, or set "
+            "[daemon].socket to another path)",
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        # Nobody listens: a daemon that died without cleaning up. Safe to replace.
+        os.unlink(path)
+        return
+    except FileNotFoundError:
+        return
+    except TimeoutError:
+        # The backlog is full: a live but very busy listener.
+        pass
+    except OSError as exc:
+        raise SocketInUseError(
+            exc.errno or errno.EEXIST, f"cannot check the existing socket {path}: {exc}"
+        ) from exc
+    finally:
+        probe.close()
+    raise SocketInUseError(
+        errno.EADDRINUSE,
+        f"another process is listening on {path} (is another modeld running?); refusing to start",
+    )
+
+
+def _bind_unix_socket(path: str, mode: int) -> socket.socket:
+    """A Unix stream socket bound at ``path`` whose file has exactly ``mode``; not listening.
+
+    Linux takes a socket file's mode from the socket inode (masked by the umask) at bind(), so
+    fchmod() before bind() means the file is never more open than ``mode``; the chmod() after
+    bind() then only undoes what the umask took away. Nobody can connect before listen().
+    """
+    _clear_socket_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        os.fchmod(sock.fileno(), mode)
+        sock.bind(path)
+        os.chmod(path, mode)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def create_unix_listener(path: str, mode: int = 0o660, backlog: int = 1024) -> UnixListener:
+    """A listener on a new Unix socket at ``path`` with permissions ``mode`` (set before listen).
+
+    Raises ``SocketInUseError`` if a live socket answers at ``path`` (another daemon runs) or
+    ``path`` is not a socket; a stale socket file is removed.
+    """
+    sock = _bind_unix_socket(path, mode)
+    try:
+        st = os.lstat(path)
+        sock.listen(backlog)
+        inner = await anyio.abc.SocketListener.from_socket(sock)
+    except BaseException:
+        sock.close()
+        with suppress(OSError):
+            os.unlink(path)
+        raise
+    return UnixListener(inner, path, (st.st_dev, st.st_ino))
+
+
+async def unix_listener_from_fd(fd: int) -> UnixListener:
+    """A listener on an inherited, already listening Unix socket (systemd ``LISTEN_FDS``)."""
+    sock = socket.socket(fileno=fd)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise ValueError(f"file descriptor {fd} is not a Unix stream socket")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise ValueError(f"the Unix socket on file descriptor {fd} is not listening")
+    name = sock.getsockname()
+    path = name if isinstance(name, str) else name.decode(errors="replace")
+    inner = await anyio.abc.SocketListener.from_socket(sock)
+    return UnixListener(inner, path, None)
+
+
+async def create_tcp_listener(host: str, port: int) -> anyio.abc.Listener[Any]:
+    """A TCP listener (for ``metrics_listen``); ``port`` 0 picks a free port."""
+    return await anyio.create_tcp_listener(local_host=host, local_port=port)
