@@ -73,7 +73,8 @@ def suggest(
     ]
     if not pool:
         return None
-    best = max(pool, key=lambda m: (m.score, _reverse_id(m.id)))
+    # ties on score go to the alphabetically first id, deterministically
+    best = min(pool, key=lambda m: (-m.score, m.id))
     evidence = (
         f"{best.id} is healthy with score {best.score:.3f} "
         f"({best.consecutive_successes} successes in a row)"
@@ -94,11 +95,6 @@ def suggest(
             primary.score, best.score,
         )
     return None
-
-
-def _reverse_id(model_id: str) -> tuple[int, ...]:
-    # ties on score go to the alphabetically first id, deterministically
-    return tuple(-ord(c) for c in model_id)
 
 
 def cooldown_remaining(last_auto_promotion_at: float | None, now: float,
