@@ -381,3 +381,17 @@ def test_private_users_would_hide_operators_from_so_peercred() -> None:
     assert SERVICE_UID in operator[1]  # only SO_PEERGROUPS would still show group modeld
     assert root[0] == 0
     assert service_user[0] == SERVICE_UID
+
+
+def test_readme_explains_every_hardening_directive_of_the_unit() -> None:
+    text = SERVICE.read_text()
+    hardening = text[text.index("# --- hardening") : text.index("[Install]")]
+    keys = {
+        line.partition("=")[0]
+        for line in hardening.splitlines()
+        if "=" in line and not line.startswith("#")
+    }
+    keys |= {"User", "Group", "UMask", "NotifyAccess", "LimitNOFILE"}
+    readme = (UNIT_DIR / "README.md").read_text()
+    unexplained = sorted(key for key in keys if f"`{key}=" not in readme)
+    assert unexplained == []
