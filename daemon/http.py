@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, unquote
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import anyio.streams.stapled
 import h11
 import structlog
@@ -248,6 +249,7 @@ class HTTPServer:
         self.log = log if log is not None else structlog.get_logger("modeld.http")
         self._connections: set[_Connection] = set()
         self._servings: list[_Serving] = []
+        self._turning_away = 0
         self._closing = False
         self._drained = anyio.Event()
 
@@ -305,7 +307,7 @@ class HTTPServer:
             serving.accept_scope.cancel()
         for conn in list(self._connections):
             self._wind_down(conn)
-        if self._connections:
+        if self._connections or self._turning_away:
             with anyio.move_on_after(grace):
                 await self._drained.wait()
         if self._connections:
@@ -376,8 +378,11 @@ class HTTPServer:
             self._connections.discard(conn)
             with anyio.CancelScope(shield=True):
                 await _close(stream)
-            if self._closing and not self._connections:
-                self._drained.set()
+            self._check_drained()
+
+    def _check_drained(self) -> None:
+        if self._closing and not self._connections and not self._turning_away:
+            self._drained.set()
 
     async def _turn_away(self, stream: anyio.abc.AnyByteStream) -> None:
         """Answer 503 without reading the request, then close."""
@@ -387,6 +392,7 @@ class HTTPServer:
             status = 503
             message = f"too many connections (limit {self.limits.max_connections}); retry later"
         self.log.warning("http_connection_refused", reason=message)
+        self._turning_away += 1
         body = jsonlib.dumps(error_body("too_many_connections", message)).encode() + b"\n"
         head = (
             f"HTTP/1.1 {status} Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -399,8 +405,10 @@ class HTTPServer:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
         finally:
+            self._turning_away -= 1
             with anyio.CancelScope(shield=True):
                 await _close(stream)
+            self._check_drained()
 
     # ------------------------------------------------------------------ one connection
 
@@ -457,10 +465,19 @@ class HTTPServer:
                         408,
                         "request_timeout",
                         f"the request did not arrive within {limits.read_timeout:g} s",
+                        linger=0,  # a slow client gets no extra time
                     )
                     return None
                 elif isinstance(event, h11.Request):
                     head = event
+                    if event.http_version not in (b"1.0", b"1.1"):
+                        await self._refuse(
+                            conn,
+                            505,
+                            "bad_request",
+                            f"HTTP/{event.http_version.decode()} is not supported; use HTTP/1.1",
+                        )
+                        return None
                     length = _content_length(event)
                     if length is not None and length > limits.max_body_bytes:
                         await self._refuse(
@@ -610,7 +627,9 @@ class HTTPServer:
                 with anyio.CancelScope(shield=True), suppress(Exception):
                     await aclose()
 
-    async def _refuse(self, conn: _Connection, status: int, code: str, message: str) -> None:
+    async def _refuse(
+        self, conn: _Connection, status: int, code: str, message: str, linger: float = 1.0
+    ) -> None:
         """Answer an unusable request with an error, then close (after draining a little)."""
         self.log.info("http_request_refused", status=status, code=code, reason=message)
         if conn.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -625,7 +644,12 @@ class HTTPServer:
         # instead of a reset; bounded so this cannot hold a slot.
         with suppress(Exception):
             await conn.stream.send_eof()
-        await _linger(conn.stream, 1.0)
+        if conn.closing or linger <= 0:
+            return
+        with anyio.CancelScope() as scope:
+            conn.idle_scope = scope  # shutdown cuts the lingering short
+            await _linger(conn.stream, linger)
+        conn.idle_scope = None
 
     async def _send(self, conn: _Connection, *events: h11.Event) -> None:
         data = b"".join(chunk for e in events if (chunk := conn.h11.send(e)) is not None)
@@ -642,7 +666,20 @@ class HTTPServer:
 
 async def _receive(stream: anyio.abc.AnyByteStream) -> bytes:
     """Up to 64 KiB; b"" at end of stream or when the connection broke."""
+    raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
     try:
+        if raw is not None and raw.family == socket.AF_UNIX:
+            # anyio's asyncio UNIXSocketStream.receive() leaves its reader registered for a
+            # moment after a cancelled receive; if the socket turns readable in that moment
+            # the loop logs InvalidStateError (agronholm/anyio#1267 is the aclose() side of
+            # it). Timeouts and shutdown cancel receives all the time here, so wait with
+            # anyio.wait_readable(), which tolerates that race, and read the socket directly.
+            await anyio.lowlevel.checkpoint()
+            while True:
+                try:
+                    return raw.recv(_RECEIVE_SIZE)
+                except BlockingIOError:
+                    await anyio.wait_readable(raw)
         return await stream.receive(_RECEIVE_SIZE)
     except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
         return b""
@@ -716,7 +753,21 @@ class UnixListener(anyio.abc.Listener[anyio.abc.SocketStream]):
 
     async def accept(self) -> anyio.abc.SocketStream:
         """The next connection."""
-        return await self.inner.accept()
+        # Not self.inner.accept(): anyio's asyncio UNIXSocketListener has the same
+        # cancelled-waiter race as its receive() (see _receive), and shutdown cancels accept.
+        raw: socket.socket = self.inner.extra(anyio.abc.SocketAttribute.raw_socket)
+        await anyio.lowlevel.checkpoint()
+        while True:
+            try:
+                client, _ = raw.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                await anyio.wait_readable(raw)
+                continue
+            except OSError as exc:
+                if raw.fileno() == -1:
+                    raise anyio.ClosedResourceError from exc
+                raise
+            return await anyio.abc.UNIXSocketStream.from_socket(client)
 
     async def serve(
         self,
