@@ -131,6 +131,7 @@ class Change:
     from_id: str | None
     to_id: str | None
     reason: str
+    action: str = "promote"  # promote | rollback
 
     def to_json(self) -> dict[str, Any]:
         return {"role": self.role, "from": self.from_id, "to": self.to_id, "reason": self.reason}
@@ -503,7 +504,7 @@ class ModelRegistry:
         self._touch(decision=True)
         self._emit(now, EventKind.MODEL_ROLLED_BACK, role=role_name, model_id=restored or "",
                    from_id=current, to_id=restored, reason=reason, actor=actor)
-        return [Change(role_name, current, restored, reason)]
+        return [Change(role_name, current, restored, reason, action="rollback")]
 
     def quarantine(self, model_id: str, *, now: float, reason: str) -> None:
         """Keep a model from automatic promotion for ``policy.quarantine`` seconds."""
@@ -619,6 +620,9 @@ class ModelRegistry:
             entry.score = score(entry.spec, entry.health, config.score)
         self._refresh_offline_marks()
         self._touch(decision=True)
+        self._emit(now, EventKind.CONFIG_RELOADED, actor=actor,
+                   reason=f"{len(added)} added, {len(removed)} removed, {len(changed)} changed",
+                   added=list(added), removed=list(removed), changed=list(changed))
         return ConfigDiff(added, removed, changed)
 
     def _remove(self, model_id: str, now: float, actor: str) -> None:

@@ -1,0 +1,325 @@
+"""The control API: routes → registry calls, JSON in and out, authorization.
+
+The handler does no I/O of its own beyond what the daemon it is given does (probe now,
+persist, reload). Every mutating route is refused with 403 unless the peer is an admin, and
+is made durable before the reply is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
+
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from .config import ConfigError
+from .http import HTTPError, Peer, Request, Response, StreamingResponse
+from .model import Event, ProbeResult
+from .registry import ModelRegistry, NoUsableModel, RegistryError
+
+API = "/api/v1"
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class StateNotSaved(Exception):
+    """A change is in effect in memory but could not be written to disk."""
+
+
+class DaemonServices(Protocol):
+    """What the API needs from the running daemon."""
+
+    registry: ModelRegistry
+    offline_forced_by_env: bool
+
+    def now(self) -> float: ...
+
+    def admin_check(self, peer: Peer | None) -> str | None:
+        """None when the peer may change things, else why not."""
+
+    async def persist(self) -> None:
+        """Write the state durably; raises StateNotSaved."""
+
+    async def evaluate(self, model_id: str) -> ProbeResult: ...
+
+    async def reload(self, actor: str) -> dict[str, Any]:
+        """Re-read the configuration; raises ConfigError."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    def metrics_text(self) -> bytes: ...
+
+    def subscribe(self) -> AbstractAsyncContextManager[MemoryObjectReceiveStream[Event]]: ...
+
+    def after_changes(self, changes: list[Any], actor: str) -> None:
+        """Log and tell observers about primary changes made through the API."""
+
+
+Route = Callable[["ControlAPI", Request, dict[str, str]], Awaitable[Response | StreamingResponse]]
+
+
+def actor_of(peer: Peer | None) -> str:
+    """How a peer is named in events and logs."""
+    if peer is None:
+        return "tcp"
+    return f"uid={peer.uid} pid={peer.pid}"
+
+
+def _body_object(request: Request, allowed: Mapping[str, tuple[type, ...]],
+                 required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The request's JSON object, with its keys and types checked (400/422 naming them)."""
+    data = request.json()
+    if not isinstance(data, dict):
+        raise HTTPError(422, "invalid_body", f"{request.method} {request.path} expects a JSON "
+                        f"object, got {type(data).__name__}")
+    for key, value in data.items():
+        if key not in allowed:
+            raise HTTPError(422, "invalid_body", f'unknown field "{key}" '
+                            f"(expected: {', '.join(allowed) or 'none'})")
+        kinds = allowed[key]
+        if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+            names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise HTTPError(422, "invalid_body", f'field "{key}" must be {names}, '
+                            f"got {json.dumps(value)[:60]}")
+    for key in required:
+        if key not in data:
+            raise HTTPError(422, "invalid_body", f'field "{key}" is required')
+    return data
+
+
+def _registry_error(exc: RegistryError) -> HTTPError:
+    extra = dict(exc.details)
+    return HTTPError(exc.status, exc.code, exc.message, **extra)
+
+
+class ControlAPI:
+    """The request handler of the control socket (and, restricted, of the metrics port)."""
+
+    def __init__(self, daemon: DaemonServices, log: Any) -> None:
+        self.daemon = daemon
+        self.log = log
+
+    # ------------------------------------------------------------------ dispatch
+
+    async def handle(self, request: Request) -> Response | StreamingResponse:
+        """Route a request from the control socket."""
+        route, params = self._match(request)
+        try:
+            return await route(self, request, params)
+        except RegistryError as exc:
+            raise _registry_error(exc) from None
+
+    async def handle_metrics_only(self, request: Request) -> Response | StreamingResponse:
+        """The TCP listener's handler: ``GET /metrics`` and nothing else."""
+        if request.path != "/metrics":
+            raise HTTPError(404, "not_found", f"no route {request.path} here: this port serves "
+                            "only GET /metrics; the control API is on the Unix socket")
+        if request.method not in ("GET", "HEAD"):
+            raise HTTPError(405, "method_not_allowed", "/metrics allows GET only")
+        return await self.metrics(request, {})
+
+    def _match(self, request: Request) -> tuple[Route, dict[str, str]]:
+        path = request.path
+        methods: dict[str, Route] | None = None
+        params: dict[str, str] = {}
+        exact = _ROUTES.get(path.rstrip("/") or "/")
+        if exact is not None:
+            methods = exact
+        elif path.startswith(f"{API}/models/"):
+            rest = path[len(f"{API}/models/"):]
+            if rest.endswith("/evaluate") and "/" not in rest[: -len("/evaluate")]:
+                methods, params = {"POST": ControlAPI.evaluate}, {"model_id": rest[:-9]}
+            elif rest and "/" not in rest.rstrip("/"):
+                methods, params = {"GET": ControlAPI.show}, {"model_id": rest.rstrip("/")}
+        if methods is None:
+            raise HTTPError(404, "not_found", f"no route {request.method} {path}; "
+                            f"see GET {API}/status and the README for the routes")
+        route = methods.get(request.method)
+        if route is None and request.method == "HEAD":
+            route = methods.get("GET")
+        if route is None:
+            allowed = ", ".join(sorted(methods))
+            raise HTTPError(405, "method_not_allowed",
+                            f"{path} allows {allowed}, not {request.method}", allow=allowed)
+        return route, params
+
+    def _require_admin(self, request: Request) -> str:
+        why = self.daemon.admin_check(request.peer)
+        actor = actor_of(request.peer)
+        if why is not None:
+            self.log.warning("request_forbidden", path=request.path, method=request.method,
+                             peer=actor, reason=why)
+            raise HTTPError(403, "forbidden", f"{request.method} {request.path} changes the "
+                            f"daemon and needs an admin peer: {why}")
+        return actor
+
+    async def _persist(self) -> None:
+        try:
+            await self.daemon.persist()
+        except StateNotSaved as exc:
+            raise HTTPError(503, "state_write_failed", f"the change is in effect but could "
+                            f"not be saved: {exc}; it will be retried") from None
+
+    # ------------------------------------------------------------------ reads
+
+    async def list_models(self, request: Request, params: dict[str, str]) -> Response:
+        registry = self.daemon.registry
+        return Response.json({
+            "models": [registry.model_view(m) for m in registry.models],
+            "offline_mode": registry.offline_mode,
+        })
+
+    async def show(self, request: Request, params: dict[str, str]) -> Response:
+        return Response.json(self.daemon.registry.model_view(params["model_id"], detail=True))
+
+    async def offline_status(self, request: Request, params: dict[str, str]) -> Response:
+        return Response.json({"offline_mode": self.daemon.registry.offline_mode,
+                              "forced_by_env": self.daemon.offline_forced_by_env})
+
+    async def resolve(self, request: Request, params: dict[str, str]) -> Response:
+        role = request.query_one("role") or "default"
+        capabilities = [tag.strip() for value in request.query.get("capability", [])
+                        for tag in value.split(",") if tag.strip()]
+        registry = self.daemon.registry
+        try:
+            answer = registry.get_model_for_use(role, capabilities)
+        except NoUsableModel as exc:
+            raise HTTPError(503, exc.code, exc.message, reasons=exc.reasons) from None
+        return Response.json({
+            "role": answer.role,
+            "model_id": answer.model_id,
+            "model": registry.model_view(answer.model_id),
+            "fallbacks": list(answer.fallbacks),
+        })
+
+    async def status(self, request: Request, params: dict[str, str]) -> Response:
+        return Response.json(self.daemon.status())
+
+    async def metrics(self, request: Request, params: dict[str, str]) -> Response:
+        return Response(200, self.daemon.metrics_text(), METRICS_CONTENT_TYPE)
+
+    async def events(
+        self, request: Request, params: dict[str, str]
+    ) -> Response | StreamingResponse:
+        follow = (request.query_one("follow") or "0").lower() in ("1", "true", "yes")
+        since_raw = request.query_one("since")
+        since: int | None = None
+        if since_raw is not None:
+            try:
+                since = int(since_raw)
+            except ValueError:
+                raise HTTPError(400, "invalid_query", f'since must be an event sequence number, '
+                                f'got "{since_raw[:40]}"') from None
+        registry = self.daemon.registry
+        if not follow:
+            events = registry.events_since(since if since is not None else 0)
+            body = b"".join(_ndjson(e) for e in events)
+            return Response(200, body, "application/x-ndjson")
+        return StreamingResponse(self._follow(since))
+
+    async def _follow(self, since: int | None) -> AsyncIterator[bytes]:
+        async with self.daemon.subscribe() as receive:
+            last = self.daemon.registry.event_seq
+            if since is not None:
+                replay = self.daemon.registry.events_since(since)
+                if replay:
+                    yield b"".join(_ndjson(e) for e in replay)
+            async for event in receive:
+                if event.seq <= last:
+                    continue  # emitted before the snapshot above: replayed or not wanted
+                yield _ndjson(event)
+
+    # ------------------------------------------------------------------ changes
+
+    async def evaluate(self, request: Request, params: dict[str, str]) -> Response:
+        self._require_admin(request)
+        registry = self.daemon.registry
+        model_id = params["model_id"]
+        registry.entry(model_id)  # 404 before any probing
+        result = await self.daemon.evaluate(model_id)
+        await self._persist()
+        view = registry.model_view(model_id, detail=True)
+        return Response.json({"model_id": model_id, "result": result.to_json(),
+                              "score": view["score"], "score_parts": view["score_parts"],
+                              "health_status": view["health_status"], "model": view})
+
+    async def promote(self, request: Request, params: dict[str, str]) -> Response:
+        actor = self._require_admin(request)
+        body = _body_object(request, {"model_id": (str,), "force": (bool,),
+                                      "reason": (str,)}, required=("model_id",))
+        changes = self.daemon.registry.promote_model(
+            body["model_id"], now=self.daemon.now(), actor=actor, force=body.get("force", False),
+            reason=body.get("reason", ""))
+        return await self._changed(changes, actor)
+
+    async def rollback(self, request: Request, params: dict[str, str]) -> Response:
+        actor = self._require_admin(request)
+        body = _body_object(request, {"role": (str, type(None)), "reason": (str,)})
+        changes = self.daemon.registry.rollback_model(
+            body.get("role"), now=self.daemon.now(), actor=actor, reason=body.get("reason", ""))
+        return await self._changed(changes, actor)
+
+    async def upgrade_check(self, request: Request, params: dict[str, str]) -> Response:
+        suggestions = self.daemon.registry.auto_upgrade_check(self.daemon.now())
+        return Response.json({"suggestions": [s.to_json() for s in suggestions]})
+
+    async def upgrade_execute(self, request: Request, params: dict[str, str]) -> Response:
+        actor = self._require_admin(request)
+        changes = self.daemon.registry.auto_upgrade_execute(self.daemon.now(), actor=actor,
+                                                            respect_cooldown=False)
+        return await self._changed(changes, actor)
+
+    async def set_offline(self, request: Request, params: dict[str, str]) -> Response:
+        actor = self._require_admin(request)
+        body = _body_object(request, {"enabled": (bool,)}, required=("enabled",))
+        registry = self.daemon.registry
+        if registry.set_offline_mode(body["enabled"], now=self.daemon.now(), actor=actor):
+            self.log.info("offline_mode_changed", enabled=body["enabled"], actor=actor)
+            await self._persist()
+        return Response.json({"offline_mode": registry.offline_mode,
+                              "forced_by_env": self.daemon.offline_forced_by_env})
+
+    async def reload(self, request: Request, params: dict[str, str]) -> Response:
+        actor = self._require_admin(request)
+        try:
+            summary = await self.daemon.reload(actor)
+        except ConfigError as exc:
+            raise HTTPError(422, "config_invalid", "the new configuration was rejected; the "
+                            "old one stays in effect", errors=exc.errors) from None
+        return Response.json(summary)
+
+    async def _changed(self, changes: list[Any], actor: str) -> Response:
+        if changes:
+            self.daemon.after_changes(changes, actor)
+            await self._persist()
+        return Response.json({"changes": [c.to_json() for c in changes]})
+
+
+def _ndjson(event: Event) -> bytes:
+    return json.dumps(event.to_json(), separators=(",", ":"), default=_default).encode() + b"\n"
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+_ROUTES: dict[str, dict[str, Route]] = {
+    f"{API}/models": {"GET": ControlAPI.list_models},
+    f"{API}/models/promote": {"POST": ControlAPI.promote},
+    f"{API}/models/rollback": {"POST": ControlAPI.rollback},
+    f"{API}/models/auto-upgrade/check": {"POST": ControlAPI.upgrade_check},
+    f"{API}/models/auto-upgrade/execute": {"POST": ControlAPI.upgrade_execute},
+    f"{API}/models/offline-mode": {"POST": ControlAPI.set_offline},
+    f"{API}/models/offline-mode/status": {"GET": ControlAPI.offline_status},
+    f"{API}/resolve": {"GET": ControlAPI.resolve},
+    f"{API}/events": {"GET": ControlAPI.events},
+    f"{API}/status": {"GET": ControlAPI.status},
+    f"{API}/reload": {"POST": ControlAPI.reload},
+    "/metrics": {"GET": ControlAPI.metrics},
+}
+
+__all__ = ["API", "ControlAPI", "DaemonServices", "StateNotSaved", "actor_of"]

@@ -1,0 +1,145 @@
+"""``modeld``: the daemon (``run``) and its offline helpers (check-config, config, plugins, demo).
+
+Exit codes: 0 ok; 2 usage; 73 state or socket cannot be used; 75 another instance is running;
+78 bad configuration (EX_CONFIG, which systemd is told not to restart on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from .config import DEFAULT_CONFIG_PATH, EX_CONFIG, ConfigError, load_config
+
+
+def _default_config() -> str:
+    return os.environ.get("MODELD_CONFIG") or DEFAULT_CONFIG_PATH
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modeld",
+        description="Model-registry daemon for LLM inference hosts: probes models, scores "
+        "them, promotes and rolls back primaries, and answers which model to use now.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("--config", default=None, help="config file (default: $MODELD_CONFIG, "
+                     f"then {DEFAULT_CONFIG_PATH})")
+    check = sub.add_parser("check-config", help='validate a config file: "ok" or every error')
+    check.add_argument("path", nargs="?", default=None)
+    show = sub.add_parser("config", help="print the effective configuration, defaults "
+                          "included, as TOML")
+    show.add_argument("path", nargs="?", default=None)
+    plugins = sub.add_parser("plugins", help="list plugins, where each came from, and the "
+                             "probes it registers")
+    plugins.add_argument("--config", default=None)
+    demo = sub.add_parser("demo", help="run the daemon on fake upstreams and play a narrated "
+                          "scenario (no root, nothing left behind)")
+    demo.add_argument("--keep-running", action="store_true",
+                      help="leave the daemon and the fakes up afterwards until Ctrl-C")
+    return parser
+
+
+def _load_or_report(path: str):  # type: ignore[no-untyped-def]
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return None
+
+
+def cmd_check_config(path: str) -> int:
+    config = _load_or_report(path)
+    if config is None:
+        return EX_CONFIG
+    from .plugins import PluginError, collect_probes, get_plugin_manager
+    from .supervisor import unknown_providers
+
+    try:
+        probes = collect_probes(get_plugin_manager(config.daemon.plugin_dirs))
+    except PluginError as exc:
+        print(f"{path}: plugins: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    errors = unknown_providers(config, probes)
+    for line in errors:
+        print(line, file=sys.stderr)
+    if errors:
+        return EX_CONFIG
+    print("ok")
+    return 0
+
+
+def cmd_config(path: str) -> int:
+    from .config import render_config
+
+    config = _load_or_report(path)
+    if config is None:
+        return EX_CONFIG
+    sys.stdout.write(render_config(config))
+    return 0
+
+
+def cmd_plugins(path: str) -> int:
+    from .plugins import get_plugin_manager, plugins_report
+
+    plugin_dirs: Sequence[str] = ()
+    if os.path.exists(path):
+        config = _load_or_report(path)
+        if config is None:
+            return EX_CONFIG
+        plugin_dirs = config.daemon.plugin_dirs
+    print(plugins_report(get_plugin_manager(plugin_dirs)))
+    return 0
+
+
+def cmd_run(path: str) -> int:
+    import anyio
+
+    from .logs import configure_logging, get_logger
+    from .supervisor import Daemon
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        configure_logging("auto", stream=sys.stderr)
+        get_logger("modeld").error("config_invalid", path=path, errors=exc.errors,
+                                   exit_code=EX_CONFIG)
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return EX_CONFIG
+    configure_logging(config.daemon.log_format)
+    daemon = Daemon(config)
+    return anyio.run(daemon.run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``modeld`` command."""
+    args = _parser().parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(f"modeld {__version__}")
+        return 0
+    if args.command == "run":
+        return cmd_run(args.config or _default_config())
+    if args.command == "check-config":
+        return cmd_check_config(args.path or _default_config())
+    if args.command == "config":
+        return cmd_config(args.path or _default_config())
+    if args.command == "plugins":
+        return cmd_plugins(args.config or _default_config())
+    if args.command == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(keep_running=args.keep_running)
+    _parser().print_help(sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""Prometheus metrics (prometheus-client), on a registry of the daemon's own.
+
+Per-model gauges are read from the model registry at scrape time by a custom collector, so
+the probe path only bumps counters; nothing is kept twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .model import HealthStatus
+from .registry import ModelRegistry
+
+
+class _RegistryCollector(Collector):
+    def __init__(self, get_registry: Callable[[], ModelRegistry]) -> None:
+        self.get_registry = get_registry
+
+    def collect(self) -> Iterator[Metric]:
+        registry = self.get_registry()
+        health = GaugeMetricFamily("modeld_model_health", "1 for the model's current health "
+                                   "status, 0 for the others", labels=["model_id", "role",
+                                                                       "status"])
+        score = GaugeMetricFamily("modeld_model_score", "The model's score, 0..1",
+                                  labels=["model_id", "role"])
+        latency = GaugeMetricFamily("modeld_model_latency_ms", "Median probe latency over the "
+                                    "window (ms); the configured estimate until measured",
+                                    labels=["model_id", "role"])
+        retired = GaugeMetricFamily("modeld_model_retired", "1 when the model is retired "
+                                    "(kept as a fallback)", labels=["model_id", "role"])
+        primary = GaugeMetricFamily("modeld_role_primary", "1 for each role's primary",
+                                    labels=["role", "model_id"])
+        for model_id, entry in registry.models.items():
+            role = entry.spec.role
+            for status in HealthStatus:
+                health.add_metric([model_id, role, status.value],
+                                  1.0 if entry.health.status is status else 0.0)
+            score.add_metric([model_id, role], entry.score.total)
+            p50 = entry.health.p50
+            latency.add_metric([model_id, role],
+                               p50 if p50 is not None else entry.spec.latency_estimate)
+            retired.add_metric([model_id, role], 1.0 if entry.retired else 0.0)
+        for role_name, state in registry.roles.items():
+            if state.primary is not None:
+                primary.add_metric([role_name, state.primary], 1.0)
+        offline = GaugeMetricFamily("modeld_offline_mode", "1 when offline mode is on")
+        offline.add_metric([], 1.0 if registry.offline_mode else 0.0)
+        counts = GaugeMetricFamily("modeld_models", "Models by health status",
+                                   labels=["status"])
+        for status, count in registry.health_counts().items():
+            counts.add_metric([status], float(count))
+        yield from (health, score, latency, retired, primary, offline, counts)
+
+
+class Metrics:
+    """The daemon's metrics; ``render()`` gives the Prometheus text exposition."""
+
+    def __init__(self, get_registry: Callable[[], ModelRegistry]) -> None:
+        disable_created_metrics()  # the *_created series only add noise for a daemon's counters
+        self.registry = CollectorRegistry()
+        self.probes = Counter("modeld_probes", "Probes run, by model and outcome "
+                              "(ok, degraded, failed)", ["model_id", "outcome"],
+                              registry=self.registry)
+        self.probe_seconds = Histogram("modeld_probe_duration_seconds", "Probe latency",
+                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
+                                                5, 10), registry=self.registry)
+        self.promotions = Counter("modeld_promotions", "Promotions, by role and whether the "
+                                  "policy made them", ["role", "automatic"],
+                                  registry=self.registry)
+        self.rollbacks = Counter("modeld_rollbacks", "Rollbacks, by role and actor kind",
+                                 ["role", "automatic"], registry=self.registry)
+        self.health_changes = Counter("modeld_health_changes", "Health transitions, by new "
+                                      "status", ["status"], registry=self.registry)
+        self.state_write_seconds = Histogram("modeld_state_write_duration_seconds",
+                                             "Time to write and fsync the state file",
+                                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                                      0.1, 0.25, 1),
+                                             registry=self.registry)
+        self.state_write_failures = Counter("modeld_state_write_failures", "State writes that "
+                                            "failed (disk full, I/O error, ...)",
+                                            registry=self.registry)
+        self.requests = Counter("modeld_control_requests", "Control requests, by status class",
+                                ["code"], registry=self.registry)
+        self.registry.register(_RegistryCollector(get_registry))
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)
