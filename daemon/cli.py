@@ -7,6 +7,7 @@ Exit codes: 0 ok; 2 usage; 73 state or socket cannot be used; 75 another instanc
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
 from collections.abc import Sequence
@@ -113,6 +114,8 @@ def cmd_run(path: str) -> int:
             print(line, file=sys.stderr)
         return EX_CONFIG
     configure_logging(config.daemon.log_format)
+    # a watchdog kill (SIGABRT) then shows where the event loop was stuck
+    faulthandler.enable()
     daemon = Daemon(config)
     return anyio.run(daemon.run)
 

@@ -479,7 +479,10 @@ class Daemon:
                              self.log.bind(component="prober"))
 
     async def _open_listener(self) -> anyio.abc.Listener[Any]:
-        fds = listen_fds(self.environ)
+        try:
+            fds = listen_fds(self.environ)
+        except ValueError as exc:
+            raise StartupError(f"socket activation: {exc}", EX_CANTCREAT) from None
         if fds:
             try:
                 listener = await unix_listener_from_fd(fds[0])
