@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -33,8 +34,10 @@ class ConfigError(Exception):
 
 # ----------------------------------------------------------------------------- durations
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION_RE = re.compile(
+    r"^\s*((?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*(ms|s|m|h)?\s*$"
+)
+_UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 def parse_duration(value: object) -> float:
@@ -49,23 +52,34 @@ def parse_duration(value: object) -> float:
             raise ValueError(
                 f'bad duration "{value}": use seconds or a number with ms, s, m or h ("30s")'
             )
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        number = float(match.group(1))
+        # divide for ms: "1900ms" must be exactly 1.9, and 1900 * 0.001 is not
+        unit = match.group(2)
+        seconds = number / 1000 if unit == "ms" else number * _UNIT_SECONDS[unit]
     else:
         raise ValueError(f"expected a duration, got {type(value).__name__}")
     if seconds != seconds or seconds < 0:
         raise ValueError("a duration cannot be negative")
+    if math.isinf(seconds):
+        raise ValueError("a duration must be finite")
     return seconds
 
 
 def format_duration(seconds: float) -> str:
-    """The shortest exact string form of a duration, for ``modeld config``."""
+    """The shortest exact string form of a duration, for ``modeld config``.
+
+    Exact means ``parse_duration`` of it gives back ``seconds`` bit for bit; a form that
+    would not (large or odd values) falls back to the float's repr in seconds.
+    """
     for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
         if seconds >= size and (seconds / size).is_integer():
-            return f"{int(seconds / size)}{unit}"
+            text = f"{int(seconds / size)}{unit}"
+            if parse_duration(text) == seconds:
+                return text
     ms = seconds * 1000
-    if ms.is_integer():
+    if ms.is_integer() and parse_duration(f"{int(ms)}ms") == seconds:
         return f"{int(ms)}ms"
-    return f"{seconds}s"
+    return f"{seconds!r}s"
 
 
 # ----------------------------------------------------------------------------- dataclasses
