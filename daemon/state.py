@@ -123,9 +123,10 @@ class StateStore:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             return self._set_aside(f"not valid JSON: {exc}")
-        if not isinstance(data, dict) or not isinstance(data.get("schema_version"), int):
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        # bool is an int subclass: a JSON `true` is not a schema version
+        if not isinstance(version, int) or isinstance(version, bool):
             return self._set_aside("not a modeld state (no integer schema_version)")
-        version = data["schema_version"]
         if version > SCHEMA_VERSION:
             raise StateError(
                 f"state file {self.path} has schema_version {version}, newer than this "
