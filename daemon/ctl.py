@@ -1,0 +1,538 @@
+"""modelctl: the command line of modeld's control socket.
+
+Shell scripts call ``modelctl resolve`` on every start, so this module imports the standard
+library only (no anyio, httpx, structlog or prometheus_client): HTTP/1.1 goes over the Unix
+socket with ``http.client``.
+
+Exit codes: 0 success, 1 refused by the daemon (its message is shown), 2 usage, 3 daemon
+unreachable (the socket path and the likely cause are named).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NoReturn, TextIO
+from urllib.parse import quote, urlencode
+
+DEFAULT_SOCKET = "/run/modeld/control.sock"
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+REQUEST_TIMEOUT = 60.0  # evaluate runs a probe; everything else answers at once
+
+API = "/api/v1"
+
+
+# ----------------------------------------------------------------------------- transport
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """``http.client.HTTPConnection`` over a Unix stream socket."""
+
+    def __init__(self, socket_path: str, timeout: float | None = REQUEST_TIMEOUT) -> None:
+        super().__init__("modeld", timeout=timeout)
+        self.socket_path = socket_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class Unreachable(Exception):
+    """The daemon could not be reached or did not speak HTTP properly (exit 3)."""
+
+
+class Refused(Exception):
+    """The daemon answered with an error (exit 1)."""
+
+    def __init__(self, status: int, document: Any) -> None:
+        error = document.get("error") if isinstance(document, dict) else None
+        if not isinstance(error, dict):
+            error = {"code": "error", "message": str(document)}
+        self.status = status
+        self.document = document
+        self.code = str(error.get("code", "error"))
+        self.message = str(error.get("message", ""))
+        self.details = {k: v for k, v in error.items() if k not in ("code", "message")}
+        super().__init__(f"{status} {self.code}: {self.message}")
+
+
+def describe_unreachable(socket_path: str, exc: BaseException) -> str:
+    """One line saying why the daemon at ``socket_path`` cannot be reached, and what to check."""
+    where = f"cannot reach modeld at {socket_path}"
+    if isinstance(exc, FileNotFoundError):
+        return f"{where}: no such socket (is modeld running? is --socket right?)"
+    if isinstance(exc, PermissionError):
+        return f"{where}: permission denied (are you in the modeld group?)"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"{where}: connection refused (stale socket: modeld is not running)"
+    if isinstance(exc, TimeoutError):
+        return f"{where}: timed out waiting for an answer (is modeld stuck?)"
+    if isinstance(exc, http.client.HTTPException):
+        return f"{where}: the connection broke or the answer was not HTTP ({exc!r})"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{where}: {exc.strerror}"
+    return f"{where}: {exc}"
+
+
+class Client:
+    """One request per call, to the daemon at ``socket_path``."""
+
+    def __init__(self, socket_path: str, timeout: float | None = REQUEST_TIMEOUT) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+
+    def _open(
+        self, method: str, path: str, body: Any, timeout: float | None
+    ) -> tuple[UnixHTTPConnection, http.client.HTTPResponse]:
+        conn = UnixHTTPConnection(self.socket_path, timeout)
+        headers = {"Accept": "application/json"}
+        payload: bytes | None = None
+        if body is not None:
+            payload = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        try:
+            conn.request(method, path, body=payload, headers=headers)
+            return conn, conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise Unreachable(describe_unreachable(self.socket_path, exc)) from exc
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        """The daemon's JSON answer; raises ``Refused`` on an error status, else ``Unreachable``."""
+        conn, resp = self._open(method, path, body, self.timeout)
+        try:
+            raw = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise Unreachable(describe_unreachable(self.socket_path, exc)) from exc
+        finally:
+            conn.close()
+        document: Any
+        try:
+            document = json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            document = raw.decode("utf-8", "replace").strip()
+            if resp.status < 400:
+                raise Unreachable(
+                    f"modeld at {self.socket_path} answered {method} {path} with something "
+                    f"that is not JSON: {document[:200]!r}"
+                ) from None
+        if resp.status >= 400:
+            raise Refused(resp.status, document)
+        return document
+
+    def stream_lines(self, path: str) -> Iterator[bytes]:
+        """The lines of a streaming answer as they come; ends when the daemon ends the stream."""
+        conn, resp = self._open("GET", path, None, None)
+        try:
+            if resp.status >= 400:
+                raw = resp.read()
+                try:
+                    document: Any = json.loads(raw)
+                except ValueError:
+                    document = raw.decode("utf-8", "replace")
+                raise Refused(resp.status, document)
+            while True:
+                try:
+                    line = resp.readline()
+                except (OSError, http.client.HTTPException):
+                    return  # the daemon went away (e.g. it is shutting down): end quietly
+                if not line:
+                    return
+                yield line
+        finally:
+            conn.close()
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns aligned with two spaces between them; the last column is not padded."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    lines = []
+    for row in [list(headers), *rows]:
+        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return "\n".join(lines)
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3f}".rstrip("0").rstrip(".") if value == value else "nan"
+    if isinstance(value, list | tuple):
+        return ", ".join(_text(v) for v in value) if value else "-"
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _flatten(document: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:
+    for key, value in document.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from _flatten(value, f"{name}.")
+        else:
+            yield name, _text(value)
+
+
+def format_fields(document: Any) -> str:
+    """``key: value`` lines, nested objects as dotted keys, values aligned."""
+    if not isinstance(document, dict):
+        return _text(document)
+    pairs = list(_flatten(document))
+    if not pairs:
+        return "ok"
+    width = max(len(k) for k, _ in pairs) + 1
+    return "\n".join(f"{(k + ':').ljust(width)} {v}" for k, v in pairs)
+
+
+def _age(at: Any, now: float) -> str:
+    if not isinstance(at, int | float) or at <= 0:
+        return ""
+    seconds = max(0.0, now - float(at))
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f}h ago"
+    return f"{seconds / 86400:.0f}d ago"
+
+
+def _last_probe(probe: Any, now: float) -> str:
+    if not isinstance(probe, dict) or not probe.get("at"):
+        return "never"
+    verdict = "ok" if probe.get("ok") else "failed"
+    latency = probe.get("latency_ms")
+    parts = [verdict]
+    if isinstance(latency, int | float):
+        parts.append(f"{latency:.0f}ms")
+    parts.append(_age(probe.get("at"), now))
+    reason = str(probe.get("reason") or "")
+    if reason:
+        parts.append(f"({reason[:60]})")
+    return " ".join(p for p in parts if p)
+
+
+def _number(value: Any, digits: int) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return _text(value)
+    return f"{value:.{digits}f}"
+
+
+def format_models(document: Any, now: float | None = None) -> str:
+    """The model list as a table, then the offline mode."""
+    now = time.time() if now is None else now
+    models = document.get("models", []) if isinstance(document, dict) else []
+    rows = []
+    for m in models:
+        flags = [name for name in ("primary", "retired", "local") if m.get(name)]
+        rows.append(
+            [
+                str(m.get("id", "?")),
+                str(m.get("role", "")),
+                str(m.get("provider", "")),
+                str(m.get("health_status", "")),
+                _number(m.get("score"), 3),
+                _number(m.get("latency_estimate"), 0),
+                _number(m.get("cost_estimate"), 2),
+                ",".join(flags) or "-",
+                _last_probe(m.get("last_probe"), now),
+            ]
+        )
+    headers = ["ID", "ROLE", "PROVIDER", "HEALTH", "SCORE", "LATENCY_MS", "COST", "FLAGS"]
+    table = format_table([*headers, "LAST PROBE"], rows) if rows else "no models configured"
+    offline = document.get("offline_mode") if isinstance(document, dict) else None
+    return f"{table}\noffline mode: {'on' if offline else 'off'}"
+
+
+def format_changes(document: Any) -> str:
+    """Promotions and rollbacks made, one row each."""
+    changes = document.get("changes", []) if isinstance(document, dict) else []
+    if not changes:
+        return "no change"
+    rows = [
+        [_text(c.get("role")), _text(c.get("from")), _text(c.get("to")), _text(c.get("reason"))]
+        for c in changes
+    ]
+    return format_table(["ROLE", "FROM", "TO", "REASON"], rows)
+
+
+def format_suggestions(document: Any) -> str:
+    """Auto-upgrade suggestions, one row each, with the scores that justify them."""
+    suggestions = document.get("suggestions", []) if isinstance(document, dict) else []
+    if not suggestions:
+        return "no suggestions: every role's primary is the best choice"
+    rows = [
+        [
+            _text(s.get("role")),
+            _text(s.get("from")),
+            _text(s.get("to")),
+            _number(s.get("score_from"), 3),
+            _number(s.get("score_to"), 3),
+            _text(s.get("reason")),
+        ]
+        for s in suggestions
+    ]
+    return format_table(["ROLE", "FROM", "TO", "SCORE_FROM", "SCORE_TO", "REASON"], rows)
+
+
+def format_offline(document: Any) -> str:
+    """``offline mode: on|off`` and whether the environment forces it."""
+    on = isinstance(document, dict) and bool(document.get("offline_mode"))
+    line = f"offline mode: {'on' if on else 'off'}"
+    if isinstance(document, dict) and document.get("forced_by_env"):
+        line += " (forced by DAENA_OFFLINE_MODE)"
+    return line
+
+
+def format_resolve(document: Any) -> str:
+    """The chosen model id on the first line, then its fallbacks, one id a line, in order.
+
+    Plain ids and nothing else, so ``$(modelctl resolve --role chat | head -1)`` is the model
+    to use and ``modelctl resolve | tail -n +2`` the chain to walk when it fails.
+    """
+    lines = [str(document.get("model_id", ""))]
+    lines.extend(str(f) for f in document.get("fallbacks", []) or [])
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+Command = Callable[[argparse.Namespace, Client, TextIO], int]
+
+
+def _emit(args: argparse.Namespace, out: TextIO, document: Any, human: Callable[[Any], str]) -> int:
+    if args.json:
+        out.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    else:
+        out.write(human(document) + "\n")
+    return EXIT_OK
+
+
+def _model_path(model_id: str, suffix: str = "") -> str:
+    return f"{API}/models/{quote(model_id, safe='')}{suffix}"
+
+
+def cmd_status(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    return _emit(args, out, client.call("GET", f"{API}/status"), format_fields)
+
+
+def cmd_list(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    return _emit(args, out, client.call("GET", f"{API}/models/"), format_models)
+
+
+def cmd_show(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    return _emit(args, out, client.call("GET", _model_path(args.model_id)), format_fields)
+
+
+def cmd_evaluate(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    document = client.call("POST", _model_path(args.model_id, "/evaluate"), {})
+    return _emit(args, out, document, format_fields)
+
+
+def cmd_promote(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    body: dict[str, Any] = {"model_id": args.model_id}
+    if args.force:
+        body["force"] = True
+    return _emit(args, out, client.call("POST", f"{API}/models/promote", body), format_changes)
+
+
+def cmd_rollback(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    body = {"role": args.role} if args.role else {}
+    return _emit(args, out, client.call("POST", f"{API}/models/rollback", body), format_changes)
+
+
+def cmd_upgrade(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    document = client.call("POST", f"{API}/models/auto-upgrade/{args.action}", {})
+    human = format_suggestions if args.action == "check" else format_changes
+    return _emit(args, out, document, human)
+
+
+def cmd_offline(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    if args.state == "status":
+        document = client.call("GET", f"{API}/models/offline-mode/status")
+    else:
+        body = {"enabled": args.state == "on"}
+        document = client.call("POST", f"{API}/models/offline-mode", body)
+    return _emit(args, out, document, format_offline)
+
+
+def cmd_resolve(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    query: list[tuple[str, str]] = []
+    if args.role:
+        query.append(("role", args.role))
+    query.extend(("capability", tag) for tag in args.capability or ())
+    path = f"{API}/resolve" + (f"?{urlencode(query)}" if query else "")
+    return _emit(args, out, client.call("GET", path), format_resolve)
+
+
+def cmd_events(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    query: list[tuple[str, str]] = []
+    if args.follow:
+        query.append(("follow", "1"))
+    if args.since is not None:
+        query.append(("since", str(args.since)))
+    path = f"{API}/events" + (f"?{urlencode(query)}" if query else "")
+    for line in client.stream_lines(path):
+        text = line.decode("utf-8", "replace").rstrip("\r\n")
+        if text:
+            out.write(text + "\n")
+            out.flush()
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    return _emit(args, out, client.call("POST", f"{API}/reload", {}), format_fields)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: {message}\n")
+
+
+def _common_options(socket_default: Any, json_default: Any) -> argparse.ArgumentParser:
+    # A new parser each time: parents share their action objects with their children.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--socket",
+        default=socket_default,
+        help=f"control socket (default: $MODELD_SOCKET, else {DEFAULT_SOCKET})",
+    )
+    common.add_argument(
+        "--json",
+        action="store_true",
+        default=json_default,
+        help="print the daemon's JSON instead of tables (for scripts)",
+    )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``modelctl`` argument parser."""
+    parser = _Parser(
+        prog="modelctl",
+        description="Drive modeld through its control socket.",
+        epilog="exit codes: 0 ok, 1 refused by the daemon, 2 usage, 3 daemon unreachable",
+        parents=[_common_options(None, False)],
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def add(name: str, func: Command, help: str) -> argparse.ArgumentParser:
+        # Options are valid after the command too; SUPPRESS keeps the subcommand's default
+        # from overwriting a value given before the command.
+        common = _common_options(argparse.SUPPRESS, argparse.SUPPRESS)
+        p = sub.add_parser(name, help=help, description=help, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    add("status", cmd_status, "daemon version, uptime, config, counts, last sweep")
+    add("list", cmd_list, "every model with its health, score and role")
+    add("show", cmd_show, "one model in detail").add_argument("model_id", metavar="ID")
+    add(
+        "evaluate", cmd_evaluate, "probe a model now and show the result and new score"
+    ).add_argument("model_id", metavar="ID")
+    p = add("promote", cmd_promote, "make a model its role's primary (the old one is retired)")
+    p.add_argument("model_id", metavar="ID")
+    p.add_argument("--force", action="store_true", help="promote even if it is unavailable")
+    p = add("rollback", cmd_rollback, "restore a role's previous primary")
+    p.add_argument("--role", help="the role (default: the daemon's default role)")
+    p = add("upgrade", cmd_upgrade, "auto-upgrade: check for better models, or act on it now")
+    p.add_argument("action", choices=["check", "execute"])
+    p = add("offline", cmd_offline, "offline mode: only local models are used")
+    p.add_argument("state", choices=["on", "off", "status"])
+    p = add("resolve", cmd_resolve, "the model to use now (first line) and its fallbacks")
+    p.add_argument("--role", help="the role (default: the daemon's default role)")
+    p.add_argument(
+        "--capability",
+        action="extend",
+        nargs="+",
+        metavar="TAG",
+        help="required capability tags (repeatable)",
+    )
+    p = add("events", cmd_events, "health changes, promotions and rollbacks, as NDJSON")
+    p.add_argument("--follow", "-f", action="store_true", help="keep reading until Ctrl-C")
+    p.add_argument("--since", type=int, metavar="N", help="replay from event sequence N")
+    add("reload", cmd_reload, "re-read the configuration (like SIGHUP)")
+    return parser
+
+
+def _report_refusal(args: argparse.Namespace, exc: Refused, out: TextIO, err: TextIO) -> None:
+    if args.json:
+        out.write(json.dumps(exc.document, indent=2, ensure_ascii=False) + "\n")
+    err.write(f"modelctl: {args.command} refused ({exc.status} {exc.code}): {exc.message}\n")
+    reasons = exc.details.get("reasons")
+    if isinstance(reasons, dict):
+        for model_id, why in reasons.items():
+            err.write(f"  {model_id}: {why}\n")
+    elif reasons:
+        err.write(f"  {_text(reasons)}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``modelctl``; the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    socket_path = args.socket or os.environ.get("MODELD_SOCKET") or DEFAULT_SOCKET
+    client = Client(socket_path)
+    out, err = sys.stdout, sys.stderr
+    try:
+        return int(args.func(args, client, out))
+    except Refused as exc:
+        _report_refusal(args, exc, out, err)
+        return EXIT_REFUSED
+    except Unreachable as exc:
+        err.write(f"modelctl: {exc}\n")
+        return EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        if args.command == "events":
+            return EXIT_OK  # Ctrl-C is how one stops following
+        err.write("modelctl: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        # `modelctl resolve | head -1`: the reader left; that is not an error.
+        _silence_stdout()
+        return EXIT_OK
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
