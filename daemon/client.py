@@ -1,0 +1,255 @@
+"""An async Python client of modeld's control socket, for applications.
+
+::
+
+    async with ModeldClient() as modeld:
+        answer = await modeld.resolve(role="chat")
+        model_id, chain = answer["model_id"], answer["fallbacks"]
+        async for event in modeld.events(follow=True):
+            ...
+
+Every method returns the daemon's JSON document as is (DESIGN.md §5 fixes the shapes).
+Errors the daemon answers with raise ``ModeldError``; a daemon that cannot be reached raises
+``ModeldUnreachable`` (a ``ModeldError`` with status 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator, Iterable, Mapping
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+__all__ = ["DEFAULT_SOCKET", "ModeldClient", "ModeldError", "ModeldUnreachable"]
+
+DEFAULT_SOCKET = "/run/modeld/control.sock"
+API = "/api/v1"
+
+
+class ModeldError(Exception):
+    """The daemon refused a request: HTTP ``status``, its error ``code`` and ``message``.
+
+    ``details`` holds the error's other keys (``reasons`` for ``no_usable_model``, ...).
+    """
+
+    def __init__(
+        self, status: int, code: str, message: str, details: Mapping[str, Any] | None = None
+    ) -> None:
+        super().__init__(f"{status} {code}: {message}" if status else f"{code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details: dict[str, Any] = dict(details or {})
+
+    @classmethod
+    def from_response(cls, status: int, body: bytes) -> ModeldError:
+        """The error a response carries, tolerating bodies that are not the error document."""
+        try:
+            document = json.loads(body)
+        except ValueError:
+            document = None
+        error = document.get("error") if isinstance(document, dict) else None
+        if not isinstance(error, dict):
+            text = body.decode("utf-8", "replace").strip()[:500]
+            return cls(status, "http_error", text or f"HTTP {status}")
+        details = {k: v for k, v in error.items() if k not in ("code", "message")}
+        return cls(status, str(error.get("code", "error")), str(error.get("message", "")), details)
+
+
+class ModeldUnreachable(ModeldError):
+    """The control socket could not be reached, or the connection broke."""
+
+    def __init__(self, socket_path: str, cause: BaseException) -> None:
+        super().__init__(
+            0, "unreachable", f"cannot reach modeld at {socket_path}: {cause}", {"cause": cause}
+        )
+
+
+class ModeldClient:
+    """A connection pool to the control socket at ``socket_path``; use as an async context."""
+
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.socket_path = socket_path or os.environ.get("MODELD_SOCKET") or DEFAULT_SOCKET
+        self._http = httpx.AsyncClient(
+            base_url="http://modeld",
+            transport=transport or httpx.AsyncHTTPTransport(uds=self.socket_path),
+            timeout=httpx.Timeout(timeout),
+            headers={"Accept": "application/json"},
+        )
+
+    async def __aenter__(self) -> ModeldClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the pooled connections."""
+        await self._http.aclose()
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: list[tuple[str, str]] | None = None,
+    ) -> httpx.Response:
+        try:
+            response = await self._http.request(
+                method, path, json=body if method == "POST" else None, params=params
+            )
+        except httpx.TransportError as exc:
+            raise ModeldUnreachable(self.socket_path, exc) from exc
+        if response.status_code >= 400:
+            raise ModeldError.from_response(response.status_code, response.content)
+        return response
+
+    async def _json(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: list[tuple[str, str]] | None = None,
+    ) -> dict[str, Any]:
+        response = await self._request(method, path, body=body, params=params)
+        try:
+            document = response.json()
+        except ValueError as exc:
+            raise ModeldError(
+                response.status_code, "invalid_response", f"{method} {path}: not JSON: {exc}"
+            ) from exc
+        if not isinstance(document, dict):
+            raise ModeldError(
+                response.status_code, "invalid_response", f"{method} {path}: not a JSON object"
+            )
+        return document
+
+    @staticmethod
+    def _model_path(model_id: str, suffix: str = "") -> str:
+        return f"{API}/models/{quote(model_id, safe='')}{suffix}"
+
+    # ------------------------------------------------------------------ routes
+
+    async def list_models(self) -> dict[str, Any]:
+        """``{"models": [view, ...], "offline_mode": bool}``."""
+        return await self._json("GET", f"{API}/models/")
+
+    async def get_model(self, model_id: str) -> dict[str, Any]:
+        """One model's view, with score parts and recent probes."""
+        return await self._json("GET", self._model_path(model_id))
+
+    async def evaluate(self, model_id: str) -> dict[str, Any]:
+        """Probe ``model_id`` now; the result and its new score."""
+        return await self._json("POST", self._model_path(model_id, "/evaluate"), body={})
+
+    async def promote(self, model_id: str, *, force: bool = False) -> dict[str, Any]:
+        """Make ``model_id`` its role's primary; ``{"changes": [...]}``."""
+        body: dict[str, Any] = {"model_id": model_id}
+        if force:
+            body["force"] = True
+        return await self._json("POST", f"{API}/models/promote", body=body)
+
+    async def rollback(self, role: str | None = None) -> dict[str, Any]:
+        """Restore ``role``'s previous primary; ``{"changes": [...]}``."""
+        body = {"role": role} if role else {}
+        return await self._json("POST", f"{API}/models/rollback", body=body)
+
+    async def auto_upgrade_check(self) -> dict[str, Any]:
+        """``{"suggestions": [...]}``; changes nothing."""
+        return await self._json("POST", f"{API}/models/auto-upgrade/check", body={})
+
+    async def auto_upgrade_execute(self) -> dict[str, Any]:
+        """Act on the suggestions now; ``{"changes": [...]}``."""
+        return await self._json("POST", f"{API}/models/auto-upgrade/execute", body={})
+
+    async def set_offline_mode(self, enabled: bool) -> dict[str, Any]:
+        """``{"offline_mode": bool, "forced_by_env": bool}`` after the change."""
+        return await self._json("POST", f"{API}/models/offline-mode", body={"enabled": enabled})
+
+    async def offline_status(self) -> dict[str, Any]:
+        """``{"offline_mode": bool, "forced_by_env": bool}``."""
+        return await self._json("GET", f"{API}/models/offline-mode/status")
+
+    async def resolve(
+        self, role: str | None = None, capabilities: Iterable[str] = ()
+    ) -> dict[str, Any]:
+        """``{"role", "model_id", "model", "fallbacks"}``; nothing usable → ModeldError 503."""
+        params = [("role", role)] if role else []
+        params.extend(("capability", tag) for tag in capabilities)
+        return await self._json("GET", f"{API}/resolve", params=params)
+
+    async def status(self) -> dict[str, Any]:
+        """Version, uptime, config path, counts, last sweep."""
+        return await self._json("GET", f"{API}/status")
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the configuration, as SIGHUP does."""
+        return await self._json("POST", f"{API}/reload", body={})
+
+    async def metrics(self) -> str:
+        """The Prometheus exposition text."""
+        response = await self._request("GET", "/metrics")
+        return response.text
+
+    async def events(
+        self, follow: bool = False, since: int | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The events, oldest first; with ``follow`` it waits for new ones until closed.
+
+        Ends when the daemon ends the stream (without ``follow``: after the replay; with it:
+        when the daemon shuts down). A broken connection raises ``ModeldUnreachable``.
+        """
+        params: list[tuple[str, str]] = []
+        if follow:
+            params.append(("follow", "1"))
+        if since is not None:
+            params.append(("since", str(since)))
+        # An event stream may be quiet for hours: no read timeout while following.
+        timeout = httpx.Timeout(self._http.timeout.connect, read=None) if follow else None
+        request = self._http.build_request(
+            "GET",
+            f"{API}/events",
+            params=params,
+            timeout=timeout if timeout is not None else self._http.timeout,
+        )
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise ModeldUnreachable(self.socket_path, exc) from exc
+        try:
+            if response.status_code >= 400:
+                raise ModeldError.from_response(response.status_code, await response.aread())
+            try:
+                async for line in response.aiter_lines():
+                    if not line.strip():
+                        continue
+                    try:
+                        event = json.loads(line)
+                    except ValueError as exc:
+                        raise ModeldError(
+                            response.status_code, "invalid_response", f"bad event line: {exc}"
+                        ) from exc
+                    yield event
+            except httpx.TransportError as exc:
+                raise ModeldUnreachable(self.socket_path, exc) from exc
+        finally:
+            await response.aclose()
