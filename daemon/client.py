@@ -29,6 +29,8 @@ __all__ = ["DEFAULT_SOCKET", "ModeldClient", "ModeldError", "ModeldUnreachable"]
 DEFAULT_SOCKET = "/run/modeld/control.sock"
 API = "/api/v1"
 
+_Params = list[tuple[str, str | int | float | bool | None]]
+
 
 class ModeldError(Exception):
     """The daemon refused a request: HTTP ``status``, its error ``code`` and ``message``.
@@ -110,7 +112,7 @@ class ModeldClient:
         path: str,
         *,
         body: Any = None,
-        params: list[tuple[str, str]] | None = None,
+        params: _Params | None = None,
     ) -> httpx.Response:
         try:
             response = await self._http.request(
@@ -128,7 +130,7 @@ class ModeldClient:
         path: str,
         *,
         body: Any = None,
-        params: list[tuple[str, str]] | None = None,
+        params: _Params | None = None,
     ) -> dict[str, Any]:
         response = await self._request(method, path, body=body, params=params)
         try:
@@ -193,7 +195,7 @@ class ModeldClient:
         self, role: str | None = None, capabilities: Iterable[str] = ()
     ) -> dict[str, Any]:
         """``{"role", "model_id", "model", "fallbacks"}``; nothing usable → ModeldError 503."""
-        params = [("role", role)] if role else []
+        params: _Params = [("role", role)] if role else []
         params.extend(("capability", tag) for tag in capabilities)
         return await self._json("GET", f"{API}/resolve", params=params)
 
@@ -218,7 +220,7 @@ class ModeldClient:
         Ends when the daemon ends the stream (without ``follow``: after the replay; with it:
         when the daemon shuts down). A broken connection raises ``ModeldUnreachable``.
         """
-        params: list[tuple[str, str]] = []
+        params: _Params = []
         if follow:
             params.append(("follow", "1"))
         if since is not None:

@@ -419,9 +419,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: {message}\n")
 
 
-def _common_options(socket_default: Any, json_default: Any) -> argparse.ArgumentParser:
+def _common_options(socket_default: Any, json_default: Any) -> _Parser:
     # A new parser each time: parents share their action objects with their children.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--socket",
         default=socket_default,

@@ -196,7 +196,7 @@ def _reason(status: int) -> bytes:
         return b""
 
 
-def peer_credentials(stream: anyio.abc.AnyByteStream) -> Peer | None:
+def peer_credentials(stream: anyio.abc.ByteStream) -> Peer | None:
     """The peer's pid, uid and gid if ``stream`` is a Unix socket, else None."""
     raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
     if raw is None or raw.family != socket.AF_UNIX or not hasattr(socket, "SO_PEERCRED"):
@@ -218,7 +218,7 @@ class _ClientGone(Exception):
 
 @dataclass(eq=False)
 class _Connection:
-    stream: anyio.abc.AnyByteStream
+    stream: anyio.abc.ByteStream
     peer: Peer | None
     h11: h11.Connection
     idle_scope: anyio.CancelScope | None = None  # set while waiting for a request's first byte
@@ -355,7 +355,7 @@ class HTTPServer:
                 continue
             conn_group.start_soon(self._on_connect, stream)
 
-    async def _on_connect(self, stream: anyio.abc.AnyByteStream) -> None:
+    async def _on_connect(self, stream: anyio.abc.ByteStream) -> None:
         if len(self._connections) >= self.limits.max_connections or self._closing:
             await self._turn_away(stream)
             return
@@ -384,7 +384,7 @@ class HTTPServer:
         if self._closing and not self._connections and not self._turning_away:
             self._drained.set()
 
-    async def _turn_away(self, stream: anyio.abc.AnyByteStream) -> None:
+    async def _turn_away(self, stream: anyio.abc.ByteStream) -> None:
         """Answer 503 without reading the request, then close."""
         if self._closing:
             status, message = 503, "the daemon is shutting down"
@@ -447,7 +447,9 @@ class HTTPServer:
                 event = conn.h11.next_event()
                 if event is h11.NEED_DATA:
                     if conn.h11.they_are_waiting_for_100_continue:
-                        await self._send(conn, h11.InformationalResponse(status_code=100))
+                        await self._send(
+                            conn, h11.InformationalResponse(status_code=100, headers=[])
+                        )
                     if deadline is None and not conn.h11.trailing_data[0]:
                         data = await self._receive_idle(conn, idle_deadline)
                         if data is None:
@@ -664,7 +666,7 @@ class HTTPServer:
             raise _ClientGone(str(exc)) from exc
 
 
-async def _receive(stream: anyio.abc.AnyByteStream) -> bytes:
+async def _receive(stream: anyio.abc.ByteStream) -> bytes:
     """Up to 64 KiB; b"" at end of stream or when the connection broke."""
     raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
     try:
@@ -686,7 +688,7 @@ async def _receive(stream: anyio.abc.AnyByteStream) -> bytes:
 
 
 async def _watch_for_hangup(
-    stream: anyio.abc.AnyByteStream, scope: anyio.CancelScope, hung_up: anyio.Event
+    stream: anyio.abc.ByteStream, scope: anyio.CancelScope, hung_up: anyio.Event
 ) -> None:
     """End a streaming response as soon as the client hangs up (the stream may be idle)."""
     while await _receive(stream):
@@ -695,13 +697,13 @@ async def _watch_for_hangup(
     scope.cancel()
 
 
-async def _linger(stream: anyio.abc.AnyByteStream, seconds: float) -> None:
+async def _linger(stream: anyio.abc.ByteStream, seconds: float) -> None:
     with anyio.move_on_after(seconds):
         while await _receive(stream):
             pass
 
 
-async def _close(stream: anyio.abc.AnyByteStream) -> None:
+async def _close(stream: anyio.abc.ByteStream) -> None:
     with suppress(Exception):
         await stream.aclose()
 
