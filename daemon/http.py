@@ -400,7 +400,7 @@ class HTTPServer:
         ).encode()
         try:
             with anyio.move_on_after(1.0):
-                await stream.send(head + body)
+                await _send_all(stream, head + body)
                 await _linger(stream, 0.2)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
@@ -659,7 +659,7 @@ class HTTPServer:
             return
         try:
             with anyio.fail_after(self.limits.write_timeout):
-                await conn.stream.send(data)
+                await _send_all(conn.stream, data)
         except TimeoutError as exc:
             raise _ClientGone("write timed out") from exc
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
@@ -685,6 +685,25 @@ async def _receive(stream: anyio.abc.ByteStream) -> bytes:
         return await stream.receive(_RECEIVE_SIZE)
     except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
         return b""
+
+
+async def _send_all(stream: anyio.abc.ByteStream, data: bytes) -> None:
+    """Send every byte; raises OSError or anyio's stream errors when the client is gone."""
+    raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+    if raw is None or raw.family != socket.AF_UNIX:
+        await stream.send(data)
+        return
+    # The same cancelled-waiter race as in _receive, on the sending side (write timeouts and
+    # ending streams at shutdown cancel sends).
+    await anyio.lowlevel.checkpoint()
+    view = memoryview(data)
+    while view:
+        try:
+            sent = raw.send(view)
+        except BlockingIOError:
+            await anyio.wait_writable(raw)
+            continue
+        view = view[sent:]
 
 
 async def _watch_for_hangup(

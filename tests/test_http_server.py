@@ -61,6 +61,8 @@ class App:
     seen: list[Request] = field(default_factory=list)
     slow_done: int = 0
 
+    flood_closed: anyio.Event = field(default_factory=anyio.Event)
+
     def __post_init__(self) -> None:
         self.chunks_send, self.chunks_recv = anyio.create_memory_object_stream[bytes](16)
 
@@ -89,6 +91,8 @@ class App:
             return Response.json({"slow": True})
         if request.path == "/stream":
             return StreamingResponse(self._stream())
+        if request.path == "/flood":
+            return StreamingResponse(self._flood())
         return Response.json({"ok": True})
 
     async def _stream(self) -> AsyncIterator[bytes]:
@@ -97,6 +101,13 @@ class App:
                 yield chunk
         finally:
             self.stream_closed.set()
+
+    async def _flood(self) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                yield b"x" * 65536
+        finally:
+            self.flood_closed.set()
 
 
 def _peer_tuple(peer: Peer) -> tuple[int, int, int]:
@@ -338,6 +349,21 @@ async def test_shutdown_ends_open_streams_cleanly(tmp_path: Path) -> None:
     assert app.stream_closed.is_set()
 
 
+@pytest.mark.anyio
+async def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout(
+    tmp_path: Path,
+) -> None:
+    async with running(tmp_path, Limits(write_timeout=0.3)) as (server, path, app):
+        client = await RawClient.connect(path)
+        await client.send(request_bytes(target="/flood"))  # and never read
+        with anyio.fail_after(3):
+            await app.flood_closed.wait()
+            while server.connections:
+                await anyio.sleep(0.01)
+        assert (await get(path, "/")).status == 200
+        await client.aclose()
+
+
 # ----------------------------------------------------------------------------- limits
 
 
@@ -433,6 +459,30 @@ async def test_half_a_request_then_stall_gets_408_within_the_read_timeout(tmp_pa
 
 
 @pytest.mark.anyio
+async def test_a_trickling_slowloris_is_cut_off_at_the_read_timeout(tmp_path: Path) -> None:
+    limits = Limits(read_timeout=0.3)
+    async with running(tmp_path, limits) as (_, path, _app):
+        client = await RawClient.connect(path)
+        start = time.monotonic()
+        answer = b""
+
+        async def trickle() -> None:
+            try:
+                for byte in b"GET / HTTP/1.1\r\nHost: x\r\nX-Drip: " + b"a" * 100:
+                    await client.send(bytes([byte]))
+                    await anyio.sleep(0.02)
+            except (anyio.BrokenResourceError, OSError):
+                pass
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(trickle)
+            answer = await client.read_until_closed(timeout=3)
+            tg.cancel_scope.cancel()
+        assert parse_raw(answer).status == 408
+        assert time.monotonic() - start < 0.6  # each byte was on time; the request was not
+
+
+@pytest.mark.anyio
 async def test_silent_client_and_idle_keep_alive_are_closed(tmp_path: Path) -> None:
     limits = Limits(read_timeout=0.2, keepalive_timeout=0.3)
     async with running(tmp_path, limits) as (_, path, _app):
@@ -525,6 +575,40 @@ async def test_tcp_listener_serves_the_same_handler_without_a_peer(tmp_path: Pat
         await server.shutdown(grace=1)
     assert reply.status == 200
     assert reply.json()["peer"] is None
+
+
+@pytest.mark.anyio
+async def test_curl_over_the_unix_socket(tmp_path: Path) -> None:
+    big = tmp_path / "big.json"
+    big.write_bytes(b"[" + b"0," * (5 * 1024 * 1024) + b"0]")  # 10 MB
+    small = tmp_path / "small.json"
+    small.write_bytes(b'{"pad": "' + b"x" * 100_000 + b'"}')
+    async with running(tmp_path) as (_, path, _app):
+
+        async def curl(*args: str) -> tuple[int, str, float]:
+            start = time.monotonic()
+            result = await anyio.run_process(
+                ["curl", "-sS", "--unix-socket", path, "-o", "-", "-w", "\n%{http_code}", *args],
+                check=False,
+            )
+            out = result.stdout.decode()
+            body, _, code = out.rpartition("\n")
+            return int(code or 0), body, time.monotonic() - start
+
+        code, body, _ = await curl("http://modeld/echo?x=1")
+        assert code == 200 and json.loads(body)["query"] == {"x": ["1"]}
+        # curl asks "Expect: 100-continue" for big bodies; the limit is enforced on the head.
+        code, body, _ = await curl(
+            "-H", "Content-Type: application/json", "--data-binary", f"@{big}", "http://modeld/echo"
+        )
+        assert code == 413 and json.loads(body)["error"]["code"] == "body_too_large"
+        # An accepted body after "Expect: 100-continue": the server says 100 at once (curl
+        # would otherwise wait a second before sending).
+        code, body, elapsed = await curl(
+            "-H", "Expect: 100-continue", "--data-binary", f"@{small}", "http://modeld/echo"
+        )
+        assert code == 200 and len(json.loads(body)["body"]["pad"]) == 100_000
+        assert elapsed < 0.9
 
 
 # ----------------------------------------------------------------------------- shutdown
