@@ -1,14 +1,27 @@
 """modeld: a model-registry daemon for LLM inference hosts.
 
 The public facade for plugin authors and applications: the hook marker, the data types a
-probe returns, and the version.
+probe returns, and the version. ``hookimpl`` is imported lazily so that light entry points
+(``modelctl``) do not pay for pluggy.
 """
 
 from __future__ import annotations
 
-from .hookspecs import hookimpl
+from typing import TYPE_CHECKING, Any
+
 from .model import HealthStatus, ModelSpec, ProbeResult, ProbeStatus
+
+if TYPE_CHECKING:
+    from .hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
 __all__ = ["HealthStatus", "ModelSpec", "ProbeResult", "ProbeStatus", "__version__", "hookimpl"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "hookimpl":
+        from .hookspecs import hookimpl
+
+        return hookimpl
+    raise AttributeError(f"module 'daemon' has no attribute {name!r}")

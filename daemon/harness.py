@@ -9,7 +9,6 @@ it adds nothing to what it measures.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import signal
@@ -22,25 +21,9 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .ctl import UnixHTTPConnection
+
 T = TypeVar("T")
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """``http.client`` over a Unix stream socket."""
-
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        super().__init__("modeld", timeout=timeout)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.socket_path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
 
 
 class DaemonError(Exception):
@@ -238,7 +221,9 @@ class DaemonProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise DaemonError(f"daemon did not stop within {timeout}s\n{self.log_tail()}")
+            raise DaemonError(
+                f"daemon did not stop within {timeout}s\n{self.log_tail()}"
+            ) from None
 
     def kill(self) -> None:
         """SIGKILL and reap."""
