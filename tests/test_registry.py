@@ -930,3 +930,55 @@ def test_fresh_registry_state_versions_start_at_zero_and_restored_ones_too():
     restored = ModelRegistry.from_state(registry.config, json_round_trip(registry.to_state()),
                                         T0)
     assert (restored.version, restored.decision_version) == (0, 0)
+
+
+def test_apply_config_emits_config_reloaded_with_the_diff():
+    registry = make(remote("a"), remote("gone"))
+    registry.apply_config(make_config(remote("a", quality=0.9), remote("new")), T0,
+                          actor="sighup")
+    event = registry.events[-1]
+    assert (event.kind, event.actor) == (EventKind.CONFIG_RELOADED, "sighup")
+    assert (event.data["added"], event.data["removed"], event.data["changed"]) == (
+        ["new"], ["gone"], ["a"])
+
+
+def test_rollback_and_quarantine_bump_the_decision_version():
+    registry = make(remote("a", primary=True), remote("b"))
+    up(registry, "b")
+    registry.promote_model("b", now=T0)
+    decision = registry.decision_version
+    registry.rollback_model("chat", now=T0)
+    registry.quarantine("b", now=T0, reason="test")
+    assert registry.decision_version == decision + 2
+
+
+def test_probation_rollback_of_a_first_automatic_promotion_leaves_no_primary():
+    registry = make(remote("a"), remote("b", quality=0.9))
+    up(registry, "a", "b")
+    changes = registry.auto_upgrade_execute(T0)
+    assert [(c.from_id, c.to_id) for c in changes] == [(None, "b")]
+    down(registry, "b", now=T0 + 10)
+    assert registry.roles["chat"].primary is None
+    assert "b" in registry.quarantined_until
+    assert registry.get_model_for_use("chat").model_id == "a"
+
+
+def test_model_moved_to_another_role_is_not_retired_there_after_a_restart():
+    # a reload (apply_config) un-retires a model that moves to another role; a restart with
+    # the same new config (from_state) must give the same answer, not rank the moved model
+    # as a retired fallback ahead of better ones in its new role
+    old = make_config(remote("a", primary=True, quality=0.1), remote("b"),
+                      remote("x", role="code", primary=True), remote("y", role="code",
+                                                                      quality=0.9))
+    new = make_config(remote("a", role="code", quality=0.1), remote("b"),
+                      remote("x", role="code", primary=True), remote("y", role="code",
+                                                                      quality=0.9))
+    registry = ModelRegistry(old, T0)
+    up(registry, "a", "b", "x", "y")
+    registry.promote_model("b", now=T0)  # a is retired in chat
+    saved = json_round_trip(registry.to_state())
+    registry.apply_config(new, T0 + 1)
+    restarted = ModelRegistry.from_state(new, saved, T0 + 1)
+    assert registry.get_model_for_use("code").fallbacks == ("y", "a")
+    assert restarted.models["a"].retired is registry.models["a"].retired is False
+    assert restarted.get_model_for_use("code").fallbacks == ("y", "a")
