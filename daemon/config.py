@@ -97,6 +97,7 @@ class DaemonConfig:
     state_flush_interval: float = 2.0
     shutdown_grace: float = 5.0
     max_connections: int = 1024
+    request_timeout: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +222,8 @@ SCHEMA: dict[str, tuple[type, tuple[Key, ...]]] = {
                 "when it changed (decisions are written at once)", _positive),
             Key("shutdown_grace", "duration", "on SIGTERM, how long in-flight requests may finish"),
             Key("max_connections", "int", "control-socket connections served at once", _positive),
+            Key("request_timeout", "duration", "a client must send a whole request within this "
+                "(else 408), so a stalled client cannot hold a connection", _positive),
         ),
     ),
     "probe": (

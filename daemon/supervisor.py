@@ -55,7 +55,7 @@ GROUP_SLACK = 0.05  # seconds: models of one endpoint due this close together sh
 
 #: [daemon] keys that only take effect on restart.
 RESTART_KEYS = ("state_file", "socket", "socket_mode", "plugin_dirs", "metrics_listen",
-                "log_format", "max_connections")
+                "log_format", "max_connections", "request_timeout")
 
 
 class StartupError(Exception):
@@ -127,7 +127,8 @@ class Daemon:
         self.probes_total = 0
         self.last_probe_at: float | None = None
         self.api = ControlAPI(self, self.log.bind(component="api"))
-        limits = Limits(max_connections=config.daemon.max_connections)
+        limits = Limits(max_connections=config.daemon.max_connections,
+                        read_timeout=config.daemon.request_timeout)
         self.server = HTTPServer(self.api.handle, limits, self.log.bind(component="http"))
         self.metrics_server = HTTPServer(self.api.handle_metrics_only,
                                          Limits(max_connections=64),
