@@ -141,6 +141,7 @@ class FakeUpstream:
         self.huge_size = 100 * 1024 * 1024
         self._counts: Counter[tuple[str, str]] = Counter()
         self._counts_lock = threading.Lock()
+        self._last_bodies: dict[tuple[str, str], bytes] = {}
         self._token: anyio.lowlevel.EventLoopToken | None = None
         self._loop_thread: int | None = None
         self._serve_scope: anyio.CancelScope | None = None
@@ -181,10 +182,21 @@ class FakeUpstream:
         with self._counts_lock:
             return dict(self._counts)
 
+    def last_body(self, method: str, path: str) -> bytes | None:
+        """The body of the latest ``method path`` request (None if there was none)."""
+        with self._counts_lock:
+            return self._last_bodies.get((method.upper(), path))
+
+    def last_json(self, method: str, path: str) -> Any:
+        """The latest ``method path`` request body, parsed as JSON."""
+        body = self.last_body(method, path)
+        return None if body is None else json.loads(body)
+
     def reset_counts(self) -> None:
         """Zero the request counters."""
         with self._counts_lock:
             self._counts.clear()
+            self._last_bodies.clear()
 
     # ------------------------------------------------------------------ controls
 
@@ -386,6 +398,8 @@ class FakeUpstream:
             headers = {k.decode().lower(): v.decode("latin-1") for k, v in request.headers}
             with self._counts_lock:
                 self._counts[(method, path)] += 1
+                if body:
+                    self._last_bodies[(method, path)] = body
             mode = self._mode
             if mode == "hang":
                 await anyio.sleep_forever()
