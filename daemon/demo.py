@@ -1,0 +1,519 @@
+"""``modeld demo``: the real daemon on fake upstreams, playing a short narrated scenario.
+
+What a newcomer runs first. Nothing but the installed package is needed and nothing is left
+behind: the fakes (:mod:`daemon.fakes`) serve on 127.0.0.1, the config, state, socket, log and
+model file live in one temporary directory under ``/tmp``, the daemon is the real
+``modeld run`` in a subprocess (:mod:`daemon.harness`), and what is shown is the real
+``modelctl`` output (:func:`daemon.ctl.main`, run in-process against the real socket).
+
+The scenario: models probed and scored; the primary's server dies and ``resolve`` fails over;
+the server comes back; a better model is deployed, suggested with its reason in numbers, and
+promoted, the old primary retired; rollback. Every step checks what it claims: a step that
+did not happen as narrated is reported as failed and the demo exits 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar
+
+from . import ctl
+from .fakes import FakeOllama, FakeOpenAI, FakeServers, write_gguf
+from .harness import DaemonError, DaemonProcess, daemon_config
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+
+ROLE = "chat"
+PRIMARY = "qwen2.5-7b"          # vLLM, the initial primary
+FALLBACK = "llama3-8b"          # Ollama
+LOCAL = "tinyllama-1.1b"        # a GGUF file on disk
+BETTER = "qwen2.5-14b"          # deployed on the vLLM server during the demo
+
+#: Deadlines that decide whether a step succeeded (the targets are printed beside them).
+SETTLE_DEADLINE = 10.0
+FAILOVER_DEADLINE = 3.0         # "about two seconds": interval 1 s + 2 rechecks of 200 ms
+RECOVERY_DEADLINE = 6.0
+SUGGESTION_DEADLINE = 8.0
+POLL = 0.02
+
+#: Environment a surrounding service manager or the caller may have set that must not reach
+#: the demo daemon (it gets its own notify socket; offline mode would hide the remote model).
+_SCRUBBED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
+                 "LISTEN_FDNAMES", "DAENA_OFFLINE_MODE", "MODELD_CONFIG", "MODELD_SOCKET")
+
+
+class StepFailed(Exception):
+    """A step of the scenario did not happen as narrated."""
+
+
+class _Terminated(BaseException):
+    """SIGTERM to the demo: unwind and clean up like Ctrl-C."""
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def say(text: str = "") -> None:
+    """Print one line at once (the output is often a pipe: tests, ``tee``)."""
+    print(text, flush=True)
+
+
+def indent(text: str, prefix: str = "    ") -> str:
+    return "\n".join(prefix + line if line else line for line in text.rstrip("\n").splitlines())
+
+
+@dataclass
+class Outcome:
+    """One line of the final summary."""
+
+    step: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Demo:
+    """The running demo: work directory, fakes, daemon, and what happened so far."""
+
+    workdir: Path
+    servers: FakeServers
+    vllm: FakeOpenAI = field(init=False)
+    ollama: FakeOllama = field(init=False)
+    gguf: Path = field(init=False)
+    daemon: DaemonProcess = field(init=False)
+    models: list[dict[str, Any]] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ set-up
+
+    @property
+    def socket(self) -> str:
+        return str(self.workdir / "control.sock")
+
+    def start_upstreams(self) -> None:
+        """A vLLM server, an Ollama server (a little slower) and a GGUF file."""
+        self.vllm = self.servers.start(FakeOpenAI(["Qwen/Qwen2.5-7B-Instruct"], flavor="vllm"))
+        self.ollama = self.servers.start(
+            FakeOllama(["llama3:8b"], loaded=["llama3:8b"], latency=0.08))
+        (self.workdir / "models").mkdir()
+        self.gguf = write_gguf(
+            self.workdir / "models" / "tinyllama-1.1b-chat.Q4_K_M.gguf",
+            metadata={"general.architecture": "llama", "general.name": "TinyLlama 1.1B Chat"})
+
+    def config(self) -> dict[str, Any]:
+        """The demo config: tuned so the whole scenario plays in seconds."""
+        return daemon_config(
+            self.workdir,
+            self.models,
+            daemon={"socket": self.socket, "state_flush_interval": "500ms"},
+            probe={"interval": "1s", "timeout": "1s", "recheck_interval": "200ms"},
+            health={"failure_threshold": 3, "success_threshold": 2},
+            policy={"interval": "2s", "auto_execute": False, "min_margin": 0.05,
+                    "min_consecutive_healthy": 2},
+        )
+
+    def declare_models(self) -> None:
+        self.models = [
+            {"id": PRIMARY, "provider": "openai", "role": ROLE, "endpoint": self.vllm.url,
+             "model": "Qwen/Qwen2.5-7B-Instruct", "capability_tags": ["chat", "code"],
+             "latency_estimate": 600, "quality": 0.65, "local": False, "primary": True},
+            {"id": FALLBACK, "provider": "ollama", "role": ROLE, "endpoint": self.ollama.url,
+             "model": "llama3:8b", "capability_tags": ["chat"], "latency_estimate": 800,
+             "quality": 0.55},
+            {"id": LOCAL, "provider": "local_file", "role": ROLE, "local_path": str(self.gguf),
+             "capability_tags": ["chat"], "latency_estimate": 300, "quality": 0.3},
+        ]
+
+    def start_daemon(self) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
+        self.daemon = DaemonProcess(self.workdir, self.config(), env=env)
+        self.daemon.start(timeout=20.0)
+
+    # ------------------------------------------------------------------ talking to it
+
+    def command(self, *args: str) -> str:
+        """The ``modelctl`` command line a person would type."""
+        return shlex.join(["modelctl", "--socket", self.socket, *args])
+
+    def modelctl(self, *args: str, show: bool = True) -> str:
+        """Run the real modelctl in-process; print the command and its output; return the
+        output. A non-zero exit is a failed step."""
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = ctl.main(["--socket", self.socket, *args])
+        if show:
+            say(f"  $ {self.command(*args)}")
+            say(indent(out.getvalue() + err.getvalue()))
+        if code != 0:
+            raise StepFailed(f"`{self.command(*args)}` exited {code}: "
+                             f"{(err.getvalue() or out.getvalue()).strip()}")
+        return out.getvalue()
+
+    def resolved(self) -> list[str]:
+        """The chain ``modelctl resolve`` prints: the model to use, then its fallbacks."""
+        return self.modelctl("resolve", "--role", ROLE).split()
+
+    def resolve_id(self) -> str | None:
+        """The model resolve picks now (None when nothing is usable), over the JSON API."""
+        status, data = self.daemon.request("GET", f"/api/v1/resolve?role={ROLE}")
+        return str(data["model_id"]) if status == 200 else None
+
+    def views(self) -> dict[str, dict[str, Any]]:
+        return {m["id"]: m for m in self.daemon.get("/api/v1/models/")["models"]}
+
+    def wait(self, predicate: Callable[[], T | None], deadline: float,
+             what: str) -> tuple[T, float]:
+        """Poll until ``predicate`` gives something truthy; (value, seconds it took).
+
+        Raises StepFailed, naming ``what`` and the deadline, if it does not happen in time.
+        """
+        start = time.monotonic()
+        while True:
+            try:
+                value = predicate()
+            except (OSError, KeyError, ValueError, AssertionError):
+                value = None
+            elapsed = time.monotonic() - start
+            if value:
+                return value, elapsed
+            if elapsed > deadline:
+                raise StepFailed(f"{what} did not happen within {deadline:g} s")
+            self.daemon._check_alive()
+            time.sleep(POLL)
+
+    def score_breakdown(self, *model_ids: str) -> None:
+        """Print where the scores come from: each part's contribution (``modelctl show``)."""
+        rows = []
+        for model_id in model_ids:
+            view = self.daemon.get(f"/api/v1/models/{model_id}")
+            parts = view["score_parts"]["parts"]
+            rows.append([model_id, *(f"{parts[name]['contribution']:.3f}" for name in
+                                     ("health", "latency", "cost", "quality")),
+                         f"{view['score']:.3f}",
+                         f"{view['health']['success_rate']:.0%} of the last probes ok"])
+        weights = " ".join(f"{name} {parts[name]['weight']:g}" for name in parts)
+        say(f"  where the scores come from (weights: {weights}; details: "
+            f"modelctl show ID):")
+        say(indent(ctl.format_table(
+            ["MODEL", "HEALTH", "LATENCY", "COST", "QUALITY", "SCORE", "WHY THE HEALTH PART"],
+            rows)))
+
+    def record(self, step: str, ok: bool, detail: str) -> None:
+        self.outcomes.append(Outcome(step, ok, detail))
+        say(f"  {'OK' if ok else 'FAILED'}: {detail}")
+
+
+# ----------------------------------------------------------------------------- the scenario
+
+
+def heading(number: int, title: str, why: str) -> None:
+    say()
+    say(f"[{number}/5] {title}")
+    say(f"  why: {why}")
+
+
+def step_probed(demo: Demo) -> None:
+    heading(1, "Models probed and scored",
+            "modeld keeps probing every model, so \"which model now?\" is answered from "
+            "fresh facts, not from a config file.")
+    expected = {PRIMARY: "healthy", FALLBACK: "healthy", LOCAL: "healthy"}
+
+    def settled() -> dict[str, dict[str, Any]] | None:
+        views = demo.views()
+        done = all(views[i]["health_status"] == s for i, s in expected.items())
+        return views if done else None
+
+    _, took = demo.wait(settled, SETTLE_DEADLINE, "the first probes")
+    demo.modelctl("list")
+    chain = demo.resolved()
+    if chain[:1] != [PRIMARY]:
+        raise StepFailed(f"resolve --role {ROLE} answered {chain[:1]}, expected {PRIMARY}")
+    say(f"  $ curl --unix-socket {shlex.quote(demo.socket)} "
+        f"'http://modeld/api/v1/resolve?role={ROLE}'   (the same answer as JSON)")
+    demo.record("probed", True, f"{len(expected)} models probed and healthy {took:.1f} s after "
+                f"the daemon was ready; {ROLE} resolves to {PRIMARY}, "
+                f"fallbacks {', '.join(chain[1:])}")
+
+
+def step_failover(demo: Demo) -> None:
+    heading(2, f"The primary's server dies: {ROLE} fails over",
+            "applications ask modeld instead of hard-coding an endpoint, so an outage costs "
+            "them seconds, not an incident.")
+    say(f"  (stopping the fake vLLM server at {demo.vllm.url}: connections are now refused)")
+    demo.vllm.set_mode("down")
+    target = "within about 2 s"
+    try:
+        new, took = demo.wait(lambda: (r := demo.resolve_id()) != PRIMARY and r,
+                              FAILOVER_DEADLINE, f"failover away from {PRIMARY}")
+    except StepFailed as exc:
+        demo.record("failover", False, f"{exc} (target: {target})")
+        raise
+    demo.modelctl("list")
+    chain = demo.resolved()
+    if new != FALLBACK or chain[:1] != [FALLBACK]:
+        raise StepFailed(f"failed over to {new} (modelctl shows {chain[:1]}), "
+                         f"expected {FALLBACK}, the best-scoring model left")
+    demo.record("failover", True, f"{ROLE} -> {FALLBACK} {took:.2f} s after {PRIMARY}'s "
+                f"server died ({target}; 3 failed probes, 200 ms apart, confirm the outage)")
+
+
+def step_recovery(demo: Demo) -> None:
+    heading(3, "The server comes back: healthy again",
+            "hysteresis: a model that was down must pass 2 probes in a row before clients are "
+            "sent back to it, so a flapping server does not flap your traffic.")
+    say(f"  (starting the fake vLLM server again on {demo.vllm.url})")
+    demo.vllm.set_mode("normal")
+    try:
+        _, took = demo.wait(lambda: demo.resolve_id() == PRIMARY, RECOVERY_DEADLINE,
+                            f"{PRIMARY} coming back")
+    except StepFailed as exc:
+        demo.record("recovery", False, str(exc))
+        raise
+    chain = demo.resolved()
+    if chain[:1] != [PRIMARY]:
+        raise StepFailed(f"modelctl resolve shows {chain[:1]}, expected {PRIMARY}")
+    status = demo.views()[PRIMARY]["health_status"]
+    demo.record("recovery", True, f"{PRIMARY} is {status} and primary again {took:.2f} s after "
+                "its server came back")
+
+
+def step_upgrade(demo: Demo) -> None:
+    heading(4, "A better model appears: suggested, then promoted",
+            "the policy compares scores (health, latency, cost, quality) and says why in "
+            "numbers; you decide (auto_execute = false), or let it act on its own.")
+    say("  (deploying Qwen2.5-14B on the vLLM server and declaring it in the config)")
+    demo.vllm.add_model("Qwen/Qwen2.5-14B-Instruct")
+    demo.models.append(
+        {"id": BETTER, "provider": "openai", "role": ROLE, "endpoint": demo.vllm.url,
+         "model": "Qwen/Qwen2.5-14B-Instruct", "capability_tags": ["chat", "code"],
+         "latency_estimate": 900, "quality": 0.9, "local": False})
+    demo.daemon.write_config(demo.config())
+    demo.modelctl("reload")
+
+    def suggested() -> dict[str, Any] | None:
+        data = demo.daemon.post("/api/v1/models/auto-upgrade/check")
+        return next((s for s in data["suggestions"] if s["to"] == BETTER), None)
+
+    try:
+        suggestion, took = demo.wait(suggested, SUGGESTION_DEADLINE,
+                                     f"a suggestion to promote {BETTER}")
+    except StepFailed as exc:
+        demo.record("upgrade", False, str(exc))
+        raise
+    say(f"  ({BETTER} passed 2 probes in a row {took:.1f} s after the reload; the policy "
+        "now suggests it)")
+    shown = demo.modelctl("upgrade", "check")
+    if BETTER not in shown:
+        raise StepFailed(f"modelctl upgrade check does not show {BETTER}")
+    demo.score_breakdown(PRIMARY, BETTER)
+    executed = demo.modelctl("upgrade", "execute")
+    if BETTER not in executed:
+        raise StepFailed(f"modelctl upgrade execute did not promote {BETTER}: {executed}")
+    views = demo.views()
+    if not (views[BETTER]["primary"] and views[PRIMARY]["retired"]):
+        raise StepFailed(f"after execute: {BETTER} primary={views[BETTER]['primary']}, "
+                         f"{PRIMARY} retired={views[PRIMARY]['retired']}")
+    demo.modelctl("list")
+    chain = demo.resolved()
+    if chain[:2] != [BETTER, PRIMARY]:
+        raise StepFailed(f"resolve shows {chain}, expected {BETTER} first and the retired "
+                         f"{PRIMARY} as first fallback")
+    demo.record("upgrade", True, f"{BETTER} suggested (score {suggestion['score_to']:.3f} vs "
+                f"{suggestion['score_from']:.3f}) and promoted; {PRIMARY} retired, kept as "
+                "first fallback")
+
+
+def step_rollback(demo: Demo) -> None:
+    heading(5, "Rollback restores the previous primary",
+            "every promotion is recorded (who, when, why), so undoing one is a single "
+            "command, and it is durable before the command returns.")
+    demo.modelctl("rollback", "--role", ROLE)
+    views = demo.views()
+    if not (views[PRIMARY]["primary"] and views[BETTER]["retired"]):
+        raise StepFailed(f"after rollback: {PRIMARY} primary={views[PRIMARY]['primary']}, "
+                         f"{BETTER} retired={views[BETTER]['retired']}")
+    chain = demo.resolved()
+    if chain[:1] != [PRIMARY]:
+        raise StepFailed(f"resolve shows {chain[:1]} after rollback, expected {PRIMARY}")
+    history = demo.daemon.state()["roles"][ROLE]["history"]
+    say(f"  the audit trail of role {ROLE}, as saved in {demo.daemon.state_path}:")
+    say(indent(ctl.format_table(
+        ["ACTION", "FROM", "TO", "BY", "REASON"],
+        [[h["action"], h["from"] or "-", h["to"] or "-", h["actor"],
+          textwrap.shorten(h["reason"], 60, placeholder=" ...")] for h in history])))
+    demo.record("rollback", True, f"{ROLE} -> {PRIMARY} again; {BETTER} retired")
+
+
+# ----------------------------------------------------------------------------- lifecycle
+
+
+def _banner(demo: Demo) -> None:
+    say("modeld demo: the real daemon, fake model servers, a five-step scenario")
+    say(f"  work dir:  {demo.workdir}  (config, state, socket, log; removed at the end)")
+    say(f"  upstreams: vLLM (OpenAI API) {demo.vllm.url}   Ollama {demo.ollama.url}")
+    say(f"             GGUF file {demo.gguf}")
+    say(f"  daemon:    pid {demo.daemon.pid}, `modeld run --config {demo.daemon.config_path}`")
+    say(f"  socket:    {demo.socket}")
+    say(f"  try it:    export MODELD_SOCKET={shlex.quote(demo.socket)}")
+
+
+def _explore(demo: Demo) -> None:
+    """Keep everything up until Ctrl-C; returns when interrupted (raises if the daemon dies)."""
+    sock = shlex.quote(demo.socket)
+    say()
+    say("Ready for exploration: the daemon and the fake servers keep running until Ctrl-C.")
+    say(f"  export MODELD_SOCKET={sock}")
+    for line in (
+        "modelctl list",
+        f"modelctl resolve --role {ROLE}",
+        f"modelctl show {BETTER}",
+        f"modelctl promote {BETTER}          # then: modelctl rollback --role {ROLE}",
+        "modelctl upgrade check",
+        "modelctl events --follow           # in a second terminal, then act in the first",
+        f"modelctl offline on                # {PRIMARY} and {BETTER} are declared remote",
+        "curl --unix-socket $MODELD_SOCKET http://modeld/api/v1/status",
+        f"curl {demo.vllm.url}/v1/models   # the fake vLLM server itself",
+    ):
+        say(f"  {line}")
+    say(f"  daemon log: {demo.daemon.log_path}")
+    say("Press Ctrl-C to stop everything.")
+    with contextlib.suppress(KeyboardInterrupt, _Terminated):
+        while demo.daemon.running():
+            time.sleep(0.2)
+        code = demo.daemon.proc.returncode if demo.daemon.proc else None
+        raise DaemonError(f"the daemon exited on its own with {code}")
+    say()
+    say("Ctrl-C: stopping.")
+
+
+@contextlib.contextmanager
+def _signals_unwind() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so the cleanup in ``finally`` runs either way."""
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _uninterruptible() -> Iterator[None]:
+    """Ignore Ctrl-C and SIGTERM while cleaning up: a second Ctrl-C must not leave a daemon."""
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _stop_daemon(demo: Demo) -> str | None:
+    """Stop the daemon with SIGTERM; None when it exited 0, else what went wrong."""
+    try:
+        code = demo.daemon.stop(timeout=15.0)
+    except DaemonError as exc:
+        return str(exc)
+    finally:
+        demo.daemon.close()
+    if code != 0:
+        return f"the daemon exited with {code} after SIGTERM\n{demo.daemon.log_tail(20)}"
+    return None
+
+
+def _summary(demo: Demo, started: float) -> None:
+    say()
+    say("Summary")
+    for outcome in demo.outcomes:
+        say(f"  {'OK    ' if outcome.ok else 'FAILED'}  {outcome.step:<9} {outcome.detail}")
+    say(f"  scenario played in {time.monotonic() - started:.1f} s")
+
+
+def main(keep_running: bool = False) -> int:
+    """Run the demo; the exit code (0 only when every step happened as narrated)."""
+    with contextlib.suppress(AttributeError, ValueError):
+        # the daemon's reasons use "≥"; never die on a terminal that cannot print it
+        sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="modeld-demo-", dir="/tmp"))
+    demo: Demo | None = None
+    failure: str | None = None
+    exit_code = 0
+    with contextlib.ExitStack() as resources:
+        try:
+            with _signals_unwind():
+                servers = resources.enter_context(FakeServers())
+                demo = Demo(workdir, servers)
+                demo.start_upstreams()
+                demo.declare_models()
+                demo.start_daemon()
+                _banner(demo)
+                for step in (step_probed, step_failover, step_recovery, step_upgrade,
+                             step_rollback):
+                    step(demo)
+                _summary(demo, started)
+                if keep_running:
+                    _explore(demo)
+        except StepFailed as exc:
+            failure, exit_code = f"step failed: {exc}", 1
+        except DaemonError as exc:
+            failure, exit_code = f"the daemon failed: {exc}", 1
+        except (KeyboardInterrupt, _Terminated):
+            failure, exit_code = "interrupted", 130
+        finally:
+            with _uninterruptible():
+                exit_code = _clean_up(demo, resources, workdir, failure, exit_code)
+    say(f"demo {'finished' if exit_code == 0 else 'failed'} in "
+        f"{time.monotonic() - started:.1f} s (exit {exit_code})")
+    return exit_code
+
+
+def _clean_up(demo: Demo | None, resources: contextlib.ExitStack, workdir: Path,
+              failure: str | None, exit_code: int) -> int:
+    """Report a failure, stop the daemon (exit 0 checked), the fakes, remove the work dir;
+    returns the exit code, made non-zero if any of that went wrong."""
+    has_daemon = demo is not None and hasattr(demo, "daemon") and demo.daemon.proc is not None
+    if failure is not None:
+        say()
+        say(f"FAILED: {failure}")
+        if has_daemon and exit_code == 1:
+            assert demo is not None
+            say("last lines of the daemon log:")
+            say(indent(demo.daemon.log_tail(15)))
+    say()
+    if has_daemon:
+        assert demo is not None
+        problem = _stop_daemon(demo)
+        if problem is None:
+            say(f"daemon pid {demo.daemon.pid} stopped with SIGTERM, exit 0")
+        else:
+            say(f"FAILED: {problem}")
+            exit_code = exit_code or 1
+    resources.close()
+    shutil.rmtree(workdir, ignore_errors=True)
+    if workdir.exists():
+        say(f"FAILED: fake servers stopped but {workdir} could not be removed")
+        return exit_code or 1
+    say(f"fake servers stopped; {workdir} removed")
+    return exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main("--keep-running" in sys.argv[1:]))
