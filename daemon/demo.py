@@ -403,15 +403,18 @@ def _explore(demo: Demo) -> None:
 
 @contextlib.contextmanager
 def _signals_unwind() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so the cleanup in ``finally`` runs either way."""
+    """Ctrl-C raises KeyboardInterrupt (even if started with SIGINT ignored, as background
+    jobs are) and SIGTERM unwinds the same way, so the cleanup in ``finally`` runs."""
     def on_term(signum: int, frame: FrameType | None) -> None:
         raise _Terminated()
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_term = signal.signal(signal.SIGTERM, on_term)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 @contextlib.contextmanager
