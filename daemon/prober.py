@@ -17,6 +17,7 @@ or upstream from hurting the daemon lives here:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -320,6 +321,7 @@ class ProbeContext:
         max_response_bytes: int = 1048576,
         flights: SingleFlight | None = None,
         deadline: float | None = None,
+        limiter: anyio.CapacityLimiter | None = None,
     ) -> None:
         self.client = client
         self.timeout = timeout
@@ -328,6 +330,7 @@ class ProbeContext:
         self.max_response_bytes = max_response_bytes
         self.deadline = anyio.current_time() + timeout if deadline is None else deadline
         self._flights = flights if flights is not None else SingleFlight()
+        self._limiter = limiter
 
     def remaining(self) -> float:
         """Seconds left before the probe's deadline (never negative)."""
@@ -389,7 +392,7 @@ class ProbeContext:
             # fail_after bounds the whole exchange: httpx's timeouts are per read, so a server
             # that drips one byte a second would otherwise never time out.
             with anyio.fail_after(remaining):
-                async with self.client.stream(
+                async with self._slot(), self.client.stream(
                     method, url, json=json, headers=headers, timeout=httpx.Timeout(remaining)
                 ) as response:
                     declared = response.headers.get("content-length", "")
@@ -423,6 +426,11 @@ class ProbeContext:
         )
 
 
+    def _slot(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """A slot among the daemon's concurrent upstream requests (none when unlimited)."""
+        return self._limiter if self._limiter is not None else contextlib.nullcontext()
+
+
 # ----------------------------------------------------------------------------- probes
 
 
@@ -454,6 +462,11 @@ class Prober:
         self.config = config
         self.log: Log = log if log is not None else structlog.get_logger("modeld.prober")
         self.flights = SingleFlight()
+        # At most max_concurrent requests go to the client at once. httpx's pool could queue
+        # the rest itself, but its queue costs O(waiting x connections) per request, which
+        # at a thousand endpoints starves the event loop. Waiting probes that share a flight
+        # do not take a slot.
+        self.limiter = anyio.CapacityLimiter(config.max_concurrent)
 
     async def run(self, spec: ModelSpec, *, deep: bool | None = None) -> ProbeResult:
         """Probe ``spec`` once and return the verdict; never raises except on cancellation."""
@@ -478,6 +491,7 @@ class Prober:
             log=log,
             max_response_bytes=self.config.max_response_bytes,
             flights=self.flights,
+            limiter=self.limiter,
         )
         grace = min(_GRACE_MAX, timeout * 0.1)
         result: Any = None

@@ -337,3 +337,21 @@ async def test_exactly_the_cap_is_allowed() -> None:
 def test_probes_type_is_the_protocol() -> None:
     probe: Probe = FixedProbe(ProbeResult.healthy())
     assert isinstance(probe, Probe)
+
+
+async def test_requests_in_flight_are_bounded_by_max_concurrent() -> None:
+    async with (
+        FakeOpenAI(["m"], latency=0.1) as a,
+        FakeOpenAI(["m"], latency=0.1) as b,
+        FakeOpenAI(["m"], latency=0.1) as c,
+        FakeOpenAI(["m"], latency=0.1) as d,
+        running_prober(max_concurrent=2, timeout=2.0) as prober,
+    ):
+        started = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for fake in (a, b, c, d):
+                for _ in range(5):  # followers of a flight do not take a slot
+                    tg.start_soon(prober.run, spec(endpoint=fake.url))
+        took = time.perf_counter() - started
+    assert 0.2 <= took < 0.6  # two rounds of two requests
+    assert [fake.count("GET", "/v1/models") for fake in (a, b, c, d)] == [1, 1, 1, 1]
