@@ -720,6 +720,7 @@ class ModelRegistry:
         for model_id, entry in self.models.items():
             h = entry.health
             models[model_id] = {
+                "role": entry.spec.role,
                 "status": h.status.value,
                 "consecutive_successes": h.consecutive_successes,
                 "consecutive_failures": h.consecutive_failures,
@@ -803,7 +804,10 @@ class ModelRegistry:
                 failures_total=int(raw.get("failures_total", 0)),
                 changed_at=raw.get("changed_at"),
             )
-            entry.retired = bool(raw.get("retired", False))
+            # retired is a place in a role's fallback order: it does not follow a model that
+            # the configuration moved to another role (as apply_config does on reload)
+            moved = raw.get("role", entry.spec.role) != entry.spec.role
+            entry.retired = bool(raw.get("retired", False)) and not moved
             entry.recent.extend(ProbeRecord.from_json(r) for r in raw.get("recent", []))
             entry.last_probe = entry.recent[-1] if entry.recent else None
             entry.score = score(entry.spec, entry.health, config.score)
