@@ -76,8 +76,10 @@ class StateStore:
             raise StateLocked(f"state file {self.path} is in use by another modeld ({who}); "
                               "stop it first, or give this one another state_file",
                               holder) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        # write before truncating, so a competitor reading now sees a whole pid, not nothing
+        pid = f"{os.getpid()}\n".encode()
+        os.pwrite(fd, pid, 0)
+        os.ftruncate(fd, len(pid))
         self._lock_fd = fd
 
     def unlock(self) -> None:
