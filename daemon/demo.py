@@ -156,6 +156,8 @@ class Demo:
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = ctl.main(["--socket", self.socket, *args])
+        if code == 130:  # modelctl caught our Ctrl-C: it is the demo's to handle
+            raise KeyboardInterrupt
         if show:
             say(f"  $ {self.command(*args)}")
             say(indent(out.getvalue() + err.getvalue()))
@@ -441,6 +443,17 @@ def _stop_daemon(demo: Demo) -> str | None:
     return None
 
 
+def _log_tail(daemon: DaemonProcess, events: int = 12) -> str:
+    """The daemon's last JSON log lines, one ``event key=value ...`` line each."""
+    lines = []
+    for entry in daemon.log_lines()[-events:]:
+        context = " ".join(f"{key}={value}" for key, value in entry.items()
+                           if key not in ("event", "level", "logger", "timestamp"))
+        lines.append(textwrap.shorten(f"{entry.get('level', '')} {entry.get('event', '?')} "
+                                      f"{context}", 160, placeholder=" ..."))
+    return "\n".join(lines) or daemon.log_tail(events)
+
+
 def _summary(demo: Demo, started: float) -> None:
     say()
     say("Summary")
@@ -478,8 +491,10 @@ def main(keep_running: bool = False) -> int:
             failure, exit_code = f"step failed: {exc}", 1
         except DaemonError as exc:
             failure, exit_code = f"the daemon failed: {exc}", 1
-        except (KeyboardInterrupt, _Terminated):
+        except KeyboardInterrupt:
             failure, exit_code = "interrupted", 130
+        except _Terminated:
+            failure, exit_code = "terminated", 128 + signal.SIGTERM
         finally:
             with _uninterruptible():
                 exit_code = _clean_up(demo, resources, workdir, failure, exit_code)
@@ -498,8 +513,8 @@ def _clean_up(demo: Demo | None, resources: contextlib.ExitStack, workdir: Path,
         say(f"FAILED: {failure}")
         if has_daemon and exit_code == 1:
             assert demo is not None
-            say("last lines of the daemon log:")
-            say(indent(demo.daemon.log_tail(15)))
+            say("the daemon's last log events:")
+            say(indent(_log_tail(demo.daemon)))
     say()
     if has_daemon:
         assert demo is not None

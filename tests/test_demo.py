@@ -210,3 +210,30 @@ def test_ctrl_c_mid_scenario_stops_everything_and_says_so(private_tmp: Path) -> 
     assert "FAILED: interrupted" in demo.output
     assert "Summary" not in demo.output  # no success is claimed for steps that did not run
     _assert_nothing_left(demo.output, private_tmp)
+
+
+def test_a_missed_deadline_is_reported_as_failed_never_as_success(private_tmp: Path) -> None:
+    # an impossible failover deadline: the demo must say so, exit 1, and still clean up
+    code = ("import daemon.demo as demo; demo.FAILOVER_DEADLINE = 0.01; "
+            "raise SystemExit(demo.main())")
+    result = subprocess.run([sys.executable, "-c", code], env=_env(private_tmp),
+                            capture_output=True, text=True, timeout=HANG_GUARD)
+    out = result.stdout
+    assert result.returncode == 1, out + result.stderr
+    assert "FAILED: step failed: failover away from qwen2.5-7b did not happen within 0.01 s" in out
+    assert "OK: chat -> llama3-8b" not in out
+    assert "Summary" not in out
+    _assert_nothing_left(out, private_tmp)
+
+
+def test_sigterm_stops_everything_too(private_tmp: Path) -> None:
+    demo = DemoRun(private_tmp)
+    try:
+        demo.wait_line("[1/5]", timeout=HANG_GUARD)
+        demo.proc.send_signal(signal.SIGTERM)
+        code = demo.finish()
+    finally:
+        demo.kill()
+    assert code == 128 + signal.SIGTERM, demo.output
+    assert "FAILED: terminated" in demo.output
+    _assert_nothing_left(demo.output, private_tmp)
