@@ -355,3 +355,19 @@ async def test_requests_in_flight_are_bounded_by_max_concurrent() -> None:
         took = time.perf_counter() - started
     assert 0.2 <= took < 0.6  # two rounds of two requests
     assert [fake.count("GET", "/v1/models") for fake in (a, b, c, d)] == [1, 1, 1, 1]
+
+
+async def test_context_requests_are_bounded_by_the_deadline_even_while_bytes_trickle() -> None:
+    async with FakeOpenAI(["m"]) as fake, httpx.AsyncClient() as client:
+        fake.drip_interval = 0.02  # httpx's per-read timeout alone would never fire
+        fake.set_mode("drip")
+        ctx = ProbeContext(client, timeout=0.3)
+        started = time.perf_counter()
+        with pytest.raises(UpstreamError) as shared:
+            await ctx.get_json(fake.url + "/v1/models")
+        ctx = ProbeContext(client, timeout=0.3)
+        with pytest.raises(UpstreamError) as unshared:
+            await ctx.request("POST", fake.url + "/v1/chat/completions",
+                              json={"model": "m", "messages": []})
+    assert shared.value.reason == unshared.value.reason == "timed out after 0.3s"
+    assert time.perf_counter() - started < 0.9
