@@ -857,15 +857,21 @@ def _clear_socket_path(path: str) -> None:
 def _bind_unix_socket(path: str, mode: int) -> socket.socket:
     """A Unix stream socket bound at ``path`` whose file has exactly ``mode``; not listening.
 
-    Linux takes a socket file's mode from the socket inode (masked by the umask) at bind(), so
-    fchmod() before bind() means the file is never more open than ``mode``; the chmod() after
-    bind() then only undoes what the umask took away. Nobody can connect before listen().
+    Linux takes a socket file's mode from the socket inode, masked by the umask, at bind().
+    So fchmod() before bind() under a umask that takes nothing from ``mode`` gives the file
+    exactly ``mode`` from the moment it exists; the chmod() after bind() is a second guard.
+    Nobody can connect before listen(). The umask is process-wide: this runs at start-up,
+    before the daemon starts any thread that creates files.
     """
     _clear_socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         os.fchmod(sock.fileno(), mode)
-        sock.bind(path)
+        old_umask = os.umask(0o777 & ~mode)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
         os.chmod(path, mode)
     except BaseException:
         sock.close()
