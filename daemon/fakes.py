@@ -346,6 +346,7 @@ class FakeUpstream:
                 await anyio.sleep(0.02)
                 continue
             listener = multi.listeners[0]
+            assert isinstance(listener, anyio.abc.SocketListener)
             self._port = listener.extra(anyio.abc.SocketAttribute.local_port)
             self._listening = True
             self._changed()

@@ -16,6 +16,7 @@ import importlib.util
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -86,7 +87,7 @@ def get_plugin_manager(
     for module_name in builtins:
         short = module_name.rpartition(".")[2]
         origin = PluginOrigin(short, "builtin", module_name)
-        _load(pm, f"builtin:{short}", origin, lambda m=module_name: importlib.import_module(m), log)
+        _load(pm, f"builtin:{short}", origin, partial(importlib.import_module, module_name), log)
     if load_entry_points:
         for ep in _entry_points():
             dist = getattr(ep, "dist", None)
@@ -95,7 +96,7 @@ def get_plugin_manager(
             _load(pm, f"entrypoint:{ep.name}", origin, ep.load, log)
     for path in _drop_in_files(plugin_dirs, log):
         origin = PluginOrigin(path.stem, "file", str(path))
-        _load(pm, f"file:{path}", origin, lambda p=path: _import_file(p), log)
+        _load(pm, f"file:{path}", origin, partial(_import_file, path), log)
     return pm
 
 
