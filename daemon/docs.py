@@ -7,6 +7,8 @@ holds exactly this text between its ``config-reference`` markers.
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 from typing import Any
 
 from .config import MODEL_FIELDS, SCHEMA, Key, default_value
@@ -51,5 +53,43 @@ def config_reference() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+EXAMPLE_PLUGIN = Path("examples/plugins/http_health.py")
+PLUGIN_START = ("<!-- example-plugin:start (examples/plugins/http_health.py; "
+                "a test keeps this identical) -->")
+PLUGIN_END = "<!-- example-plugin:end -->"
+
+
+def example_plugin_block(root: Path) -> str:
+    """The example plugin as a fenced block, markers included."""
+    code = (root / EXAMPLE_PLUGIN).read_text().rstrip("\n")
+    return f"{PLUGIN_START}\n```python\n{code}\n```\n{PLUGIN_END}"
+
+
+def _replace_block(text: str, start: str, end: str, block: str) -> str:
+    head, found, rest = text.partition(start)
+    if not found:
+        raise ValueError(f"marker not found: {start}")
+    _old, found, tail = rest.partition(end)
+    if not found:
+        raise ValueError(f"marker not found: {end}")
+    return head + block + tail
+
+
+def render_readme(text: str, root: Path) -> str:
+    """The README with its generated blocks brought up to date."""
+    text = _replace_block(text, START, END, config_reference())
+    return _replace_block(text, PLUGIN_START, PLUGIN_END, example_plugin_block(root))
+
+
+def main(argv: list[str]) -> int:
+    """``python -m daemon.docs`` prints the reference; ``--write README.md`` updates it."""
+    if len(argv) == 2 and argv[0] == "--write":
+        path = Path(argv[1])
+        path.write_text(render_readme(path.read_text(), path.resolve().parent))
+        return 0
     print(config_reference())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,48 @@
+"""The README stays true: its generated parts match the code, its Quick start matches CI."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from daemon import api
+from daemon.config import Config
+from daemon.docs import render_readme
+from daemon.metrics import Metrics
+from daemon.registry import ModelRegistry
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def test_generated_blocks_are_up_to_date() -> None:
+    # if this fails: python -m daemon.docs --write README.md
+    assert render_readme(README, ROOT) == README
+
+
+def test_quick_start_has_the_two_commands() -> None:
+    quick = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    commands = [line for line in quick.splitlines()
+                if line.startswith("python3.11 -m venv .venv")]
+    assert len(commands) == 2
+    assert commands[0].endswith("pip install . && modeld demo")
+    assert commands[1].endswith("pip install -e '.[test]' && pytest")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pip install -q -e '.[test]'" in ci and "python -m pytest" in ci
+
+
+def test_every_route_is_documented_with_a_curl_example() -> None:
+    for route in api._ROUTES:
+        assert f"`GET {route}" in README or f"`POST {route}" in README or route in README, route
+        assert re.search(rf"curl --unix-socket \$S .*http://modeld{re.escape(route)}", README) \
+            or route == "/api/v1/models", route
+    assert "http://modeld/api/v1/models/" in README
+
+
+def test_every_metric_is_documented() -> None:
+    metrics = Metrics(lambda: ModelRegistry(Config(), 0.0))
+    names = {m.name for m in metrics.registry.collect()}
+    assert any(name.startswith("process_") for name in names)
+    assert "`process_*` metrics" in README
+    for name in names - {n for n in names if n.startswith("process_")}:
+        assert name in README, name
