@@ -13,15 +13,30 @@ from .model import HealthStatus, ModelSpec, ProbeResult, ProbeStatus
 
 if TYPE_CHECKING:
     from .hookspecs import hookimpl
+    from .prober import ProbeContext, UpstreamError
 
 __version__ = "0.1.0"
 
-__all__ = ["HealthStatus", "ModelSpec", "ProbeResult", "ProbeStatus", "__version__", "hookimpl"]
+__all__ = [
+    "HealthStatus",
+    "ModelSpec",
+    "ProbeContext",
+    "ProbeResult",
+    "ProbeStatus",
+    "UpstreamError",
+    "__version__",
+    "hookimpl",
+]
 
 
 def __getattr__(name: str) -> Any:
+    # imported on first use: modelctl imports this package and must not pay for pluggy/httpx
     if name == "hookimpl":
         from .hookspecs import hookimpl
 
         return hookimpl
+    if name in ("ProbeContext", "UpstreamError"):
+        from . import prober
+
+        return getattr(prober, name)
     raise AttributeError(f"module 'daemon' has no attribute {name!r}")

@@ -215,6 +215,7 @@ class Daemon:
             self.config = new
             if self.prober is not None:
                 self.prober.config = new.probe
+                self.prober.limiter.total_tokens = new.probe.max_concurrent
             self._limiter.total_tokens = new.probe.max_concurrent
             for model_id in diff.removed:
                 self._next_due.pop(model_id, None)

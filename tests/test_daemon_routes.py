@@ -522,3 +522,40 @@ def test_modelctl_names_the_socket_when_the_daemon_is_not_running(workdir: Path)
     assert str(path) in run.stderr and "running" in run.stderr
 
 
+
+
+def test_python_client_against_the_real_daemon(env: dict[str, Any]) -> None:
+    import anyio
+
+    from daemon.client import ModeldClient, ModeldError
+
+    daemon = env["daemon"]
+
+    async def scenario() -> None:
+        async with ModeldClient(daemon.socket_path) as client:
+            answer = await client.resolve(role="chat", capabilities=["code"])
+            assert answer["model_id"] == "big"
+            seq = (await client.status())["event_seq"]
+            seen: list[dict[str, Any]] = []
+
+            async def follow() -> None:
+                async for event in client.events(follow=True, since=seq):
+                    seen.append(event)
+                    if event["kind"] == "model_rolled_back":
+                        return
+
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(follow)
+                    await anyio.sleep(0.2)
+                    await client.promote("backup")
+                    await client.rollback(role="chat")
+            assert [e["kind"] for e in seen] == ["model_promoted", "model_rolled_back"]
+            try:
+                await client.promote("nope")
+            except ModeldError as exc:
+                assert (exc.status, exc.code) == (404, "unknown_model")
+            else:
+                raise AssertionError("promoting an unknown model must fail")
+
+    anyio.run(scenario)
