@@ -140,6 +140,7 @@ class FakeUpstream:
         #: Body size in ``huge`` mode.
         self.huge_size = 100 * 1024 * 1024
         self._counts: Counter[tuple[str, str]] = Counter()
+        self._agents: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
         self._last_bodies: dict[tuple[str, str], bytes] = {}
         self._token: anyio.lowlevel.EventLoopToken | None = None
@@ -177,6 +178,15 @@ class FakeUpstream:
         with self._counts_lock:
             return sum(self._counts.values())
 
+    def requests_from(self, user_agent_part: str) -> int:
+        """How many requests came with a User-Agent containing ``user_agent_part``.
+
+        modeld's User-Agent carries its pid (``modeld/0.1.0 (pid 1234)``), so a test can count
+        one daemon's requests even when another process on the host reuses a freed port.
+        """
+        with self._counts_lock:
+            return sum(n for agent, n in self._agents.items() if user_agent_part in agent)
+
     def requests(self) -> dict[tuple[str, str], int]:
         """A copy of the counters: (method, path) → requests."""
         with self._counts_lock:
@@ -196,6 +206,7 @@ class FakeUpstream:
         """Zero the request counters."""
         with self._counts_lock:
             self._counts.clear()
+            self._agents.clear()
             self._last_bodies.clear()
 
     # ------------------------------------------------------------------ controls
@@ -399,6 +410,7 @@ class FakeUpstream:
             headers = {k.decode().lower(): v.decode("latin-1") for k, v in request.headers}
             with self._counts_lock:
                 self._counts[(method, path)] += 1
+                self._agents[headers.get("user-agent", "")] += 1
                 if body:
                     self._last_bodies[(method, path)] = body
             mode = self._mode

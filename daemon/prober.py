@@ -73,7 +73,8 @@ def make_http_client(
         trust_env=False,
         limits=limits,
         timeout=httpx.Timeout(probe.timeout),
-        headers={"User-Agent": USER_AGENT},
+        # the pid tells an upstream's operator which modeld instance is probing it
+        headers={"User-Agent": f"{USER_AGENT} (pid {os.getpid()})"},
         transport=transport,
     )
 

@@ -426,7 +426,7 @@ def test_offline_mode_stops_probing_remote_models_and_resolves_local(
         remote.set_mode("normal")
         remote.reset_counts()
         time.sleep(2.5)  # more than two probe intervals
-        assert remote.total_requests == 0
+        assert remote.requests_from(f"(pid {daemon.pid})") == 0
         answer = resolve(daemon)[1]
         assert answer["model_id"] == "disk"
         assert answer["fallbacks"] == []
@@ -436,7 +436,8 @@ def test_offline_mode_stops_probing_remote_models_and_resolves_local(
         assert daemon.log_events("offline_mode_changed")
 
         daemon.post("/api/v1/models/offline-mode", {"enabled": False})
-        wait_for(lambda: remote.total_requests > 0, 5, what="probing resumes")
+        wait_for(lambda: remote.requests_from(f"(pid {daemon.pid})") > 0, 5,
+                 what="probing resumes")
         assert resolve(daemon)[1]["model_id"] == "cloud"
 
 
@@ -450,7 +451,8 @@ def test_daena_offline_mode_env_forces_offline_at_start(
         assert status == {"offline_mode": True, "forced_by_env": True}
         assert resolve(daemon)[1]["model_id"] == "disk"
         time.sleep(1.5)
-        assert remote.total_requests == 0
+        assert remote.requests_from(f"(pid {daemon.pid})") == 0
+        assert daemon.model("cloud")["last_probe"] is None
     # the env var overrides the saved value the other way too
     assert daemon.state()["offline_mode"] is True
     with DaemonProcess(workdir, config, extra_env={"DAENA_OFFLINE_MODE": "false"}) as again:
