@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -185,7 +186,7 @@ async def test_http_client_is_configured_for_probing(monkeypatch: pytest.MonkeyP
     async with make_http_client(config) as client, FakeOpenAI(["m"]) as fake:
         assert client.follow_redirects is False
         assert client.timeout == httpx.Timeout(2.5)
-        assert client.headers["user-agent"] == f"modeld/{__version__}"
+        assert client.headers["user-agent"] == f"modeld/{__version__} (pid {os.getpid()})"
         fake.set_mode("redirect")
         response = await client.get(fake.url + "/v1/models")
         assert response.status_code == 302  # not followed
