@@ -185,7 +185,9 @@ class DaemonProcess:
                     return i + 1
             return None
 
-        return wait_for(seen, timeout, what=f"sd_notify {line}") - 1
+        found = wait_for(seen, timeout, what=f"sd_notify {line}")
+        assert found is not None
+        return found - 1
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         """Wait for READY=1; raises DaemonError with the log tail if the daemon exits first."""

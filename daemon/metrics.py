@@ -58,8 +58,8 @@ class _RegistryCollector(Collector):
         offline.add_metric([], 1.0 if registry.offline_mode else 0.0)
         counts = GaugeMetricFamily("modeld_models", "Models by health status",
                                    labels=["status"])
-        for status, count in registry.health_counts().items():
-            counts.add_metric([status], float(count))
+        for status_name, count in registry.health_counts().items():
+            counts.add_metric([status_name], float(count))
         yield from (health, score, latency, retired, primary, offline, counts)
 
 
@@ -67,7 +67,7 @@ class Metrics:
     """The daemon's metrics; ``render()`` gives the Prometheus text exposition."""
 
     def __init__(self, get_registry: Callable[[], ModelRegistry]) -> None:
-        disable_created_metrics()  # the *_created series only add noise for a daemon's counters
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series only add noise for a daemon's counters
         self.registry = CollectorRegistry()
         self.probes = Counter("modeld_probes", "Probes run, by model and outcome "
                               "(ok, degraded, failed)", ["model_id", "outcome"],
