@@ -351,9 +351,7 @@ class ModelRegistry:
         after = now - role.promoted_at
         reason = (f"probation: {entry.spec.id} became unavailable {after:.1f}s after its "
                   f"automatic promotion (probation {self.config.policy.probation:g}s)")
-        changes = self.rollback_model(entry.spec.role, now=now, actor="policy", reason=reason)
-        self.quarantine(entry.spec.id, now=now, reason=reason)
-        return changes
+        return self.rollback_model(entry.spec.role, now=now, actor="policy", reason=reason)
 
     def mark_not_probed(self, model_id: str, reason: str) -> None:
         """Record why a model is skipped by the scheduler (offline mode)."""
@@ -483,7 +481,9 @@ class ModelRegistry:
     def rollback_model(self, role: str | None = None, *, now: float, actor: str = "daemon",
                        reason: str = "") -> list[Change]:
         """Undo the role's last promotion: the previous primary returns, the current one is
-        retired. Repeatable, one level per call, as deep as the history goes."""
+        retired and quarantined (the policy will not promote it again for
+        ``policy.quarantine``, so a rollback is not undone by the next timer tick).
+        Repeatable, one level per call, as deep as the history goes."""
         role_name = self._rollback_role(role)
         state = self.roles[role_name]
         if not state.stack:
@@ -504,6 +504,8 @@ class ModelRegistry:
         self._touch(decision=True)
         self._emit(now, EventKind.MODEL_ROLLED_BACK, role=role_name, model_id=restored or "",
                    from_id=current, to_id=restored, reason=reason, actor=actor)
+        if current is not None and current in self.models:
+            self.quarantine(current, now=now, reason=f"rolled back: {reason}")
         return [Change(role_name, current, restored, reason, action="rollback")]
 
     def quarantine(self, model_id: str, *, now: float, reason: str) -> None:

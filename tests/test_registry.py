@@ -351,9 +351,24 @@ def test_rollback_restores_the_previous_primary_and_retires_the_current():
     entry = registry.roles["chat"].history[-1]
     assert (entry.at, entry.action, entry.from_id, entry.to_id, entry.reason, entry.actor) == (
         T0 + 5, "rollback", "b", "a", "manual rollback by uid:0", "uid:0")
-    event = registry.events[-1]
+    event = registry.events[-2]
     assert (event.kind, event.from_id, event.to_id, event.actor) == (
         EventKind.MODEL_ROLLED_BACK, "b", "a", "uid:0")
+
+
+def test_model_rolled_back_from_is_quarantined_so_the_policy_does_not_undo_the_rollback():
+    registry = make(remote("a", primary=True, quality=0.0), remote("b", quality=1.0))
+    up(registry, "a", "b", n=6)
+    registry.promote_model("b", now=T0)
+    registry.rollback_model("chat", now=T0 + 5, actor="uid:0")
+    assert registry.quarantined_until == {"b": T0 + 5 + 3600}
+    event = registry.events[-1]
+    assert (event.kind, event.model_id) == (EventKind.MODEL_QUARANTINED, "b")
+    assert event.reason == "rolled back: manual rollback by uid:0"
+    # b is still far better, yet neither suggested nor promoted until the quarantine ends
+    assert registry.auto_upgrade_check(T0 + 6) == []
+    assert registry.auto_upgrade_execute(T0 + 6, respect_cooldown=False) == []
+    assert [s.to_id for s in registry.auto_upgrade_check(T0 + 5 + 3600)] == ["b"]
 
 
 def test_rollback_goes_several_levels_deep_then_has_nothing_left():
@@ -948,8 +963,9 @@ def test_rollback_and_quarantine_bump_the_decision_version():
     registry.promote_model("b", now=T0)
     decision = registry.decision_version
     registry.rollback_model("chat", now=T0)
-    registry.quarantine("b", now=T0, reason="test")
-    assert registry.decision_version == decision + 2
+    assert registry.decision_version == decision + 2  # the rollback and b's quarantine
+    registry.quarantine("a", now=T0, reason="test")
+    assert registry.decision_version == decision + 3
 
 
 def test_probation_rollback_of_a_first_automatic_promotion_leaves_no_primary():
