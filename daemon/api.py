@@ -53,9 +53,6 @@ class DaemonServices(Protocol):
 
     def subscribe(self) -> AbstractAsyncContextManager[MemoryObjectReceiveStream[Event]]: ...
 
-    def after_changes(self, changes: list[Any], actor: str) -> None:
-        """Log and tell observers about primary changes made through the API."""
-
 
 Route = Callable[["ControlAPI", Request, dict[str, str]], Awaitable[Response | StreamingResponse]]
 
@@ -291,8 +288,7 @@ class ControlAPI:
         return Response.json(summary)
 
     async def _changed(self, changes: list[Any], actor: str) -> Response:
-        if changes:
-            self.daemon.after_changes(changes, actor)
+        if changes:  # the daemon's event listener logs them and tells the observers
             await self._persist()
         return Response.json({"changes": [c.to_json() for c in changes]})
 

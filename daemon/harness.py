@@ -237,6 +237,14 @@ class DaemonProcess:
         assert self.proc is not None
         return self.proc.wait(timeout)
 
+    def run_to_exit(self, timeout: float = 20.0) -> int:
+        """Start a daemon expected to refuse to start; its exit status (it is reaped)."""
+        try:
+            self.start(wait=False)
+            return self.wait_exit(timeout)
+        finally:
+            self.close()
+
     def close(self) -> None:
         """Stop the daemon (SIGKILL if it will not stop) and release the notify socket."""
         try:

@@ -24,7 +24,7 @@ import hashlib
 import json as jsonlib
 import os
 import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
@@ -430,6 +430,37 @@ class ProbeContext:
     def _slot(self) -> contextlib.AbstractAsyncContextManager[Any]:
         """A slot among the daemon's concurrent upstream requests (none when unlimited)."""
         return self._limiter if self._limiter is not None else contextlib.nullcontext()
+
+
+#: Judges a reply's status: the verdict that ends the probe, or None to read the body.
+Judge = Callable[[Reply, str], ProbeResult | None]
+
+
+async def fetch_json(
+    ctx: ProbeContext,
+    method: str,
+    url: str,
+    what: str,
+    judge: Judge,
+    *,
+    json: Any = None,
+    headers: Mapping[str, str] | None = None,
+) -> tuple[Reply, Any] | ProbeResult:
+    """The reply and its parsed JSON, or the result that ends the probe: a transport failure,
+    ``judge``'s verdict on the status, or a body that is not JSON. ``what`` names the call
+    in reasons ("GET /v1/models")."""
+    merged = {"Accept": "application/json", **(headers or {})}
+    try:
+        reply = await ctx.request(method, url, json=json, headers=merged)
+    except UpstreamError as exc:
+        return ProbeResult.failure(exc.reason)
+    verdict = judge(reply, what)
+    if verdict is not None:
+        return verdict
+    try:
+        return reply, reply.json()
+    except UpstreamError as exc:
+        return ProbeResult.failure(exc.reason, reply.elapsed_ms, http_status=reply.status)
 
 
 # ----------------------------------------------------------------------------- probes

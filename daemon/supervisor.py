@@ -268,9 +268,6 @@ class Daemon:
             send.close()
             receive.close()
 
-    def after_changes(self, changes: list[Any], actor: str) -> None:
-        """Nothing to do: the event listener logs and notifies observers of every change."""
-
     # ------------------------------------------------------------------ events
 
     def _on_event(self, event: Event) -> None:

@@ -21,7 +21,14 @@ import anyio
 
 from daemon.hookspecs import hookimpl
 from daemon.model import ModelSpec, ProbeResult
-from daemon.prober import ProbeContext, Reply, UpstreamError, http_failure_reason, one_line
+from daemon.prober import (
+    ProbeContext,
+    Reply,
+    UpstreamError,
+    fetch_json,
+    http_failure_reason,
+    one_line,
+)
 
 NAME = "ollama"
 
@@ -149,17 +156,11 @@ class OllamaProbe:
             "stream": False,
             "options": {"num_predict": 1},
         }
-        try:
-            reply = await ctx.request("POST", f"{base}/api/generate", json=body)
-        except UpstreamError as exc:
-            return ProbeResult.failure(exc.reason)
-        verdict = _judge(reply, "POST /api/generate")
-        if verdict is not None:
-            return verdict
-        try:
-            data = reply.json()
-        except UpstreamError as exc:
-            return ProbeResult.failure(exc.reason, reply.elapsed_ms, http_status=reply.status)
+        fetched = await fetch_json(ctx, "POST", f"{base}/api/generate", "POST /api/generate",
+                                   _judge, json=body)
+        if isinstance(fetched, ProbeResult):
+            return fetched
+        reply, data = fetched
         if not isinstance(data, dict) or "response" not in data:
             return ProbeResult.failure(
                 "POST /api/generate: no response in the reply", reply.elapsed_ms

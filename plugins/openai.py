@@ -27,7 +27,13 @@ from typing import Any
 
 from daemon.hookspecs import hookimpl
 from daemon.model import ModelSpec, ProbeResult
-from daemon.prober import ProbeContext, Reply, UpstreamError, http_failure_reason, one_line
+from daemon.prober import (
+    ProbeContext,
+    Reply,
+    fetch_json,
+    http_failure_reason,
+    one_line,
+)
 
 NAME = "openai"
 
@@ -88,17 +94,11 @@ class OpenAIProbe:
             return ProbeResult.failure(problem)
         if ctx.deep:
             return await self._chat(spec, ctx, headers)
-        try:
-            reply = await ctx.get_json(f"{api_base(spec.endpoint)}/models", headers=headers)
-        except UpstreamError as exc:
-            return ProbeResult.failure(exc.reason)
-        verdict = judge_status(reply, "GET /v1/models")
-        if verdict is not None:
-            return verdict
-        try:
-            data = reply.json()
-        except UpstreamError as exc:
-            return ProbeResult.failure(exc.reason, reply.elapsed_ms, http_status=reply.status)
+        fetched = await fetch_json(ctx, "GET", f"{api_base(spec.endpoint)}/models",
+                                   "GET /v1/models", judge_status, headers=headers)
+        if isinstance(fetched, ProbeResult):
+            return fetched
+        reply, data = fetched
         if not isinstance(data, dict):
             return ProbeResult.failure(
                 f"GET /v1/models: expected a JSON object, got {type(data).__name__}",
@@ -146,17 +146,11 @@ class OpenAIProbe:
             "stream": False,
         }
         url = f"{api_base(spec.endpoint)}/chat/completions"
-        try:
-            reply = await ctx.request("POST", url, json=body, headers=headers)
-        except UpstreamError as exc:
-            return ProbeResult.failure(exc.reason)
-        verdict = judge_status(reply, "POST /v1/chat/completions")
-        if verdict is not None:
-            return verdict
-        try:
-            data = reply.json()
-        except UpstreamError as exc:
-            return ProbeResult.failure(exc.reason, reply.elapsed_ms, http_status=reply.status)
+        fetched = await fetch_json(ctx, "POST", url, "POST /v1/chat/completions",
+                                   judge_status, json=body, headers=headers)
+        if isinstance(fetched, ProbeResult):
+            return fetched
+        reply, data = fetched
         choices = data.get("choices") if isinstance(data, dict) else None
         if not isinstance(choices, list) or not choices:
             return ProbeResult.failure(

@@ -338,12 +338,7 @@ def test_second_daemon_on_the_same_state_file_fails_naming_the_first_pid(
         other = dict(config, daemon=dict(config["daemon"],
                                          socket=str(workdir / "run" / "other.sock")))
         second = DaemonProcess(workdir / "second", other)
-        try:
-            second.start(wait=False)
-            code = second.wait_exit(20)
-        finally:
-            second.close()
-        assert code == 75
+        assert second.run_to_exit() == 75
         failure = second.log_events("startup_failed")[-1]["error"]
         assert f"pid {first.pid}" in failure
         assert first.get("/api/v1/status")["pid"] == first.pid  # the first is unharmed
@@ -357,12 +352,7 @@ def test_second_daemon_on_a_live_socket_refuses_to_start(
         other = dict(config, daemon=dict(config["daemon"],
                                          state_file=str(workdir / "state2" / "s.json")))
         second = DaemonProcess(workdir / "second", other)
-        try:
-            second.start(wait=False)
-            code = second.wait_exit(20)
-        finally:
-            second.close()
-        assert code == 75
+        assert second.run_to_exit() == 75
         assert "control socket" in second.log_events("startup_failed")[-1]["error"]
         assert first.get("/api/v1/status")["pid"] == first.pid
         assert Path(first.socket_path).exists()
@@ -397,11 +387,7 @@ def test_unknown_provider_is_a_config_error(workdir: Path) -> None:
     config = daemon_config(workdir, [{"id": "m", "provider": "nosuch",
                                       "endpoint": "http://127.0.0.1:9"}])
     daemon = DaemonProcess(workdir, config)
-    try:
-        daemon.start(wait=False)
-        assert daemon.wait_exit(20) == 78
-    finally:
-        daemon.close()
+    assert daemon.run_to_exit() == 78
     error = daemon.log_events("startup_failed")[-1]["error"]
     assert 'models[0].provider: no probe plugin named "nosuch"' in error
 
