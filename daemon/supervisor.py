@@ -121,7 +121,6 @@ class Daemon:
         self._next_due: dict[str, float] = {}
         self._reschedule = anyio.Event()
         self._stop = anyio.Event()
-        self._limiter = anyio.CapacityLimiter(config.probe.max_concurrent)
         self.last_write = WriteRecord()
         self._persisted_decisions = 0
         self.probes_total = 0
@@ -168,10 +167,12 @@ class Daemon:
             version = self.registry.version
             if version == self._saved_version:
                 return
-            content = self.store.encode(self.registry.to_state())
+            # the snapshot is taken on the loop (registry operations are atomic there); the
+            # encoding and the write happen in a worker thread, and both are timed
             started = time.perf_counter()
+            snapshot = self.registry.to_state()
             try:
-                await anyio.to_thread.run_sync(self.store.write_bytes, content)
+                size = await anyio.to_thread.run_sync(self.store.write, snapshot)
             except OSError as exc:
                 reason = exc.strerror or str(exc)
                 self.last_write = WriteRecord(time.time(), False, reason)
@@ -182,7 +183,7 @@ class Daemon:
             seconds = time.perf_counter() - started
             if not self.last_write.ok:
                 self.log.info("state_write_recovered", path=str(self.store.path))
-            self.last_write = WriteRecord(time.time(), True, "", len(content), seconds)
+            self.last_write = WriteRecord(time.time(), True, "", size, seconds)
             self.metrics.state_write_seconds.observe(seconds)
             self._saved_version = version
 
@@ -190,8 +191,7 @@ class Daemon:
         """Probe one model now and fold the result in."""
         spec = self.registry.entry(model_id).spec
         assert self.prober is not None
-        async with self._limiter:
-            result = await self.prober.run(spec)
+        result = await self.prober.run(spec)
         self._apply(spec, result)
         return result
 
@@ -216,7 +216,6 @@ class Daemon:
             if self.prober is not None:
                 self.prober.config = new.probe
                 self.prober.limiter.total_tokens = new.probe.max_concurrent
-            self._limiter.total_tokens = new.probe.max_concurrent
             for model_id in diff.removed:
                 self._next_due.pop(model_id, None)
             self._reschedule.set()
@@ -246,13 +245,16 @@ class Daemon:
             "forced_by_env": self.offline_forced_by_env,
             "auto_execute": self.config.policy.auto_execute,
             "last_sweep": {"last_probe_at": self.last_probe_at, "probes_total": self.probes_total,
-                           "in_flight": self._limiter.borrowed_tokens},
+                           "requests_in_flight": self._requests_in_flight()},
             "last_state_write": {"at": self.last_write.at, "ok": self.last_write.ok,
                                  "error": self.last_write.error, "bytes": self.last_write.bytes,
                                  "seconds": round(self.last_write.seconds, 6)},
             "event_seq": registry.event_seq,
             "summary": self._status_line(),
         }
+
+    def _requests_in_flight(self) -> int:
+        return int(self.prober.limiter.borrowed_tokens) if self.prober is not None else 0
 
     def metrics_text(self) -> bytes:
         return self.metrics.render()
@@ -328,8 +330,9 @@ class Daemon:
             self._next_due[model_id] = tick + interval * jitter
             return
         assert self.prober is not None
-        async with self._limiter:
-            result = await self.prober.run(spec)
+        # no limiter here: the prober bounds upstream requests (max_concurrent), and a probe
+        # waiting on another's shared request must not hold a slot while it waits
+        result = await self.prober.run(spec)
         self._apply(spec, result)
         changed_decisions = self.registry.decision_version
         entry = self.registry.models.get(model_id)
