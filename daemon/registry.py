@@ -716,8 +716,12 @@ class ModelRegistry:
 
     # --------------------------------------------------------------- persistence
 
-    def to_state(self, events_kept: int = 200) -> dict[str, Any]:
-        """Everything worth keeping across restarts, as JSON-ready data (never a secret)."""
+    def to_state(self, events_kept: int = 200, probes_kept: int = 1) -> dict[str, Any]:
+        """Everything worth keeping across restarts, as JSON-ready data (never a secret).
+
+        Of each model's recent probes only the last ``probes_kept`` are saved: the full list
+        was three quarters of the file and is only a convenience for ``show``.
+        """
         models = {}
         for model_id, entry in self.models.items():
             h = entry.health
@@ -733,7 +737,8 @@ class ModelRegistry:
                 "retired": entry.retired,
                 "score": round(entry.score.total, 6),
                 "latency_p50_ms": h.p50,
-                "recent": [r.to_json() for r in entry.recent],
+                "recent": [r.to_json() for r in list(entry.recent)[-probes_kept:]]
+                if probes_kept else [],
                 "not_probed": entry.not_probed,
             }
         roles = {
