@@ -1,18 +1,17 @@
 """modeld: a model-registry daemon for LLM inference hosts.
 
 The public facade for plugin authors and applications: the hook marker, the data types a
-probe returns, and the version. ``hookimpl`` is imported lazily so that light entry points
-(``modelctl``) do not pay for pluggy.
+probe returns, and the version. Every name is imported on first use, so light entry points
+(``modelctl``, which shell scripts run on every start) pay for none of it.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .model import HealthStatus, ModelSpec, ProbeResult, ProbeStatus
-
 if TYPE_CHECKING:
     from .hookspecs import hookimpl
+    from .model import HealthStatus, ModelSpec, ProbeResult, ProbeStatus
     from .prober import ProbeContext, UpstreamError
 
 __version__ = "0.1.0"
@@ -28,15 +27,21 @@ __all__ = [
     "hookimpl",
 ]
 
+_LAZY = {
+    "hookimpl": "hookspecs",
+    "HealthStatus": "model",
+    "ModelSpec": "model",
+    "ProbeResult": "model",
+    "ProbeStatus": "model",
+    "ProbeContext": "prober",
+    "UpstreamError": "prober",
+}
+
 
 def __getattr__(name: str) -> Any:
-    # imported on first use: modelctl imports this package and must not pay for pluggy/httpx
-    if name == "hookimpl":
-        from .hookspecs import hookimpl
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'daemon' has no attribute {name!r}")
+    from importlib import import_module
 
-        return hookimpl
-    if name in ("ProbeContext", "UpstreamError"):
-        from . import prober
-
-        return getattr(prober, name)
-    raise AttributeError(f"module 'daemon' has no attribute {name!r}")
+    return getattr(import_module(f".{module}", __name__), name)

@@ -2,7 +2,8 @@
 
 Shell scripts call ``modelctl resolve`` on every start, so this module imports the standard
 library only (no anyio, httpx, structlog or prometheus_client): HTTP/1.1 goes over the Unix
-socket with ``http.client``.
+socket as a few lines of raw-socket code (``http.client`` alone, with the ``email`` package
+it pulls in, would cost a third of the start-up time).
 
 Exit codes: 0 success, 1 refused by the daemon (its message is shown), 2 usage, 3 daemon
 unreachable (the socket path and the likely cause are named).
@@ -11,7 +12,6 @@ unreachable (the socket path and the likely cause are named).
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import socket
@@ -35,22 +35,108 @@ API = "/api/v1"
 # ----------------------------------------------------------------------------- transport
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """``http.client.HTTPConnection`` over a Unix stream socket."""
+class ProtocolError(Exception):
+    """The answer was not HTTP/1.x, or the connection broke in the middle of it."""
 
-    def __init__(self, socket_path: str, timeout: float | None = REQUEST_TIMEOUT) -> None:
-        super().__init__("modeld", timeout=timeout)
-        self.socket_path = socket_path
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self.socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
+class RawReply:
+    """An HTTP/1.1 response read off a socket: status, headers, then the body as it comes
+    (by Content-Length, chunked, or until the daemon closes the connection)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = b""
+        self._done = False
+        head = self._read_until(b"\r\n\r\n").decode("latin-1")
+        status_line, *header_lines = head.split("\r\n")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise ProtocolError(f"not an HTTP status line: {status_line[:80]!r}")
+        self.status = int(parts[1])
+        self.headers: dict[str, str] = {}
+        for line in header_lines:
+            name, sep, value = line.partition(":")
+            if sep:
+                self.headers[name.strip().lower()] = value.strip()
+        self._chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
+        length = self.headers.get("content-length")
+        self._remaining = int(length) if length and length.isdigit() else None
+
+    def _fill(self) -> bool:
+        data = self._sock.recv(65536)
+        self._buffer += data
+        return bool(data)
+
+    def _read_until(self, marker: bytes) -> bytes:
+        while marker not in self._buffer:
+            if len(self._buffer) > 1 << 20 or not self._fill():
+                raise ProtocolError("the connection closed in the middle of the answer")
+        found, self._buffer = self._buffer.split(marker, 1)
+        return found
+
+    def _take(self, size: int) -> bytes:
+        while len(self._buffer) < size:
+            if not self._fill():
+                raise ProtocolError("the connection closed in the middle of the answer")
+        data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
+
+    def read_piece(self) -> bytes:
+        """The next piece of the body as it arrives; b"" at its end."""
+        if self._done:
+            return b""
+        if self._chunked:
+            size_line = self._read_until(b"\r\n").split(b";", 1)[0].strip()
+            try:
+                size = int(size_line, 16)
+            except ValueError:
+                raise ProtocolError(f"bad chunk size {size_line[:20]!r}") from None
+            if size == 0:
+                self._done = True
+                return b""
+            data = self._take(size + 2)[:-2]
+            return data
+        if self._remaining is not None:
+            if self._remaining == 0:
+                self._done = True
+                return b""
+            if not self._buffer and not self._fill():
+                raise ProtocolError("the connection closed in the middle of the answer")
+            data = self._buffer[: self._remaining]
+            self._buffer = self._buffer[len(data):]
+            self._remaining -= len(data)
+            return data
+        if self._buffer or self._fill():
+            data, self._buffer = self._buffer, b""
+            return data
+        self._done = True
+        return b""
+
+    def read(self) -> bytes:
+        """The whole body."""
+        return b"".join(iter(self.read_piece, b""))
+
+    def lines(self) -> Iterator[bytes]:
+        """The body line by line, each line as soon as it is complete."""
+        pending = b""
+        for piece in iter(self.read_piece, b""):
+            pending += piece
+            *complete, pending = pending.split(b"\n")
+            for line in complete:
+                yield line + b"\n"
+        if pending:
+            yield pending
+
+
+def _connect(socket_path: str, timeout: float | None) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(socket_path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class Unreachable(Exception):
@@ -83,8 +169,8 @@ def describe_unreachable(socket_path: str, exc: BaseException) -> str:
         return f"{where}: connection refused (stale socket: modeld is not running)"
     if isinstance(exc, TimeoutError):
         return f"{where}: timed out waiting for an answer (is modeld stuck?)"
-    if isinstance(exc, http.client.HTTPException):
-        return f"{where}: the connection broke or the answer was not HTTP ({exc!r})"
+    if isinstance(exc, ProtocolError):
+        return f"{where}: the connection broke or the answer was not HTTP ({exc})"
     if isinstance(exc, OSError) and exc.strerror:
         return f"{where}: {exc.strerror}"
     return f"{where}: {exc}"
@@ -99,29 +185,33 @@ class Client:
 
     def _open(
         self, method: str, path: str, body: Any, timeout: float | None
-    ) -> tuple[UnixHTTPConnection, http.client.HTTPResponse]:
-        conn = UnixHTTPConnection(self.socket_path, timeout)
-        headers = {"Accept": "application/json"}
-        payload: bytes | None = None
+    ) -> tuple[socket.socket, RawReply]:
+        payload = b"" if body is None else json.dumps(body).encode()
+        head = [f"{method} {path} HTTP/1.1", "Host: modeld", "Accept: application/json",
+                "Connection: close", f"Content-Length: {len(payload)}"]
         if body is not None:
-            payload = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
+            head.append("Content-Type: application/json")
+        request = ("\r\n".join(head) + "\r\n\r\n").encode() + payload
         try:
-            conn.request(method, path, body=payload, headers=headers)
-            return conn, conn.getresponse()
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
+            sock = _connect(self.socket_path, timeout)
+        except OSError as exc:
+            raise Unreachable(describe_unreachable(self.socket_path, exc)) from exc
+        try:
+            sock.sendall(request)
+            return sock, RawReply(sock)
+        except (OSError, ProtocolError) as exc:
+            sock.close()
             raise Unreachable(describe_unreachable(self.socket_path, exc)) from exc
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         """The daemon's JSON answer; raises ``Refused`` on an error status, else ``Unreachable``."""
-        conn, resp = self._open(method, path, body, self.timeout)
+        sock, resp = self._open(method, path, body, self.timeout)
         try:
             raw = resp.read()
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, ProtocolError) as exc:
             raise Unreachable(describe_unreachable(self.socket_path, exc)) from exc
         finally:
-            conn.close()
+            sock.close()
         document: Any
         try:
             document = json.loads(raw) if raw.strip() else {}
@@ -138,7 +228,7 @@ class Client:
 
     def stream_lines(self, path: str) -> Iterator[bytes]:
         """The lines of a streaming answer as they come; ends when the daemon ends the stream."""
-        conn, resp = self._open("GET", path, None, None)
+        sock, resp = self._open("GET", path, None, None)
         try:
             if resp.status >= 400:
                 raw = resp.read()
@@ -147,16 +237,12 @@ class Client:
                 except ValueError:
                     document = raw.decode("utf-8", "replace")
                 raise Refused(resp.status, document)
-            while True:
-                try:
-                    line = resp.readline()
-                except (OSError, http.client.HTTPException):
-                    return  # the daemon went away (e.g. it is shutting down): end quietly
-                if not line:
-                    return
-                yield line
+            try:
+                yield from resp.lines()
+            except (OSError, ProtocolError):
+                return  # the daemon went away (e.g. it is shutting down): end quietly
         finally:
-            conn.close()
+            sock.close()
 
 
 # ----------------------------------------------------------------------------- output

@@ -9,6 +9,7 @@ it adds nothing to what it measures.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -21,9 +22,25 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .ctl import UnixHTTPConnection
-
 T = TypeVar("T")
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """``http.client`` over a Unix stream socket (for tests; modelctl reads raw sockets)."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        super().__init__("modeld", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
 
 
 class DaemonError(Exception):
