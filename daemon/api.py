@@ -22,6 +22,7 @@ from .registry import ModelRegistry, NoUsableModel, RegistryError
 
 API = "/api/v1"
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+RESOLVE_CACHE_SIZE = 256  # distinct (role, capabilities) questions remembered
 
 
 class StateNotSaved(Exception):
@@ -97,6 +98,9 @@ class ControlAPI:
     def __init__(self, daemon: DaemonServices, log: Any) -> None:
         self.daemon = daemon
         self.log = log
+        # resolve is the hot route (applications may ask on every request): its answer is
+        # kept per (role, capabilities) until the registry's version moves
+        self._resolved: dict[tuple[str, tuple[str, ...]], tuple[int, bytes]] = {}
 
     # ------------------------------------------------------------------ dispatch
 
@@ -180,16 +184,24 @@ class ControlAPI:
         capabilities = [tag.strip() for value in request.query.get("capability", [])
                         for tag in value.split(",") if tag.strip()]
         registry = self.daemon.registry
+        key = (role, tuple(capabilities))
+        cached = self._resolved.get(key)
+        if cached is not None and cached[0] == registry.version:
+            return Response(200, cached[1], "application/json")
         try:
             answer = registry.get_model_for_use(role, capabilities)
         except NoUsableModel as exc:
             raise HTTPError(503, exc.code, exc.message, reasons=exc.reasons) from None
-        return Response.json({
+        response = Response.json({
             "role": answer.role,
             "model_id": answer.model_id,
             "model": registry.model_view(answer.model_id),
             "fallbacks": list(answer.fallbacks),
         })
+        if len(self._resolved) >= RESOLVE_CACHE_SIZE:
+            self._resolved.clear()
+        self._resolved[key] = (registry.version, response.body)
+        return response
 
     async def status(self, request: Request, params: dict[str, str]) -> Response:
         return Response.json(self.daemon.status())

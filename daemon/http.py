@@ -226,6 +226,7 @@ class _Connection:
     in_flight: bool = False
     closing: bool = False
     log: Any = None
+    raw: socket.socket | None = None  # the Unix socket under ``stream``, looked up once
 
 
 @dataclass(eq=False)
@@ -364,6 +365,7 @@ class HTTPServer:
             peer=peer_credentials(stream),
             h11=h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes),
             log=self.log,
+            raw=_unix_socket(stream),
         )
         self._connections.add(conn)
         try:
@@ -460,7 +462,7 @@ class HTTPServer:
                     if deadline is None:  # pipelined bytes of this request were buffered
                         deadline = anyio.current_time() + limits.read_timeout
                     with anyio.move_on_at(deadline):
-                        conn.h11.receive_data(await _receive(conn.stream))
+                        conn.h11.receive_data(await _receive(conn.stream, conn.raw))
                         continue
                     await self._refuse(
                         conn,
@@ -529,7 +531,7 @@ class HTTPServer:
         with anyio.CancelScope(deadline=deadline) as scope:
             conn.idle_scope = scope
             try:
-                data = await _receive(conn.stream)
+                data = await _receive(conn.stream, conn.raw)
             finally:
                 conn.idle_scope = None
         if scope.cancelled_caught:
@@ -657,20 +659,45 @@ class HTTPServer:
         data = b"".join(chunk for e in events if (chunk := conn.h11.send(e)) is not None)
         if not data:
             return
+        if conn.raw is not None:
+            # the common case: the kernel takes the whole answer at once, so no timeout
+            # needs arming; what it does not take is sent below under the write timeout
+            try:
+                sent = conn.raw.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise _ClientGone(str(exc)) from exc
+            if sent == len(data):
+                return
+            data = data[sent:]
         try:
             with anyio.fail_after(self.limits.write_timeout):
-                await _send_all(conn.stream, data)
+                await _send_all(conn.stream, data, conn.raw)
         except TimeoutError as exc:
             raise _ClientGone("write timed out") from exc
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             raise _ClientGone(str(exc)) from exc
 
 
-async def _receive(stream: anyio.abc.ByteStream) -> bytes:
-    """Up to 64 KiB; b"" at end of stream or when the connection broke."""
+_LOOK_UP: Any = object()
+
+
+def _unix_socket(stream: anyio.abc.ByteStream) -> socket.socket | None:
+    """The Unix socket under ``stream``, or None (TCP, or not a socket at all)."""
     raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+    return raw if raw is not None and raw.family == socket.AF_UNIX else None
+
+
+async def _receive(stream: anyio.abc.ByteStream, raw: Any = _LOOK_UP) -> bytes:
+    """Up to 64 KiB; b"" at end of stream or when the connection broke.
+
+    ``raw`` is the Unix socket under ``stream`` when the caller has already looked it up.
+    """
+    if raw is _LOOK_UP:
+        raw = _unix_socket(stream)
     try:
-        if raw is not None and raw.family == socket.AF_UNIX:
+        if raw is not None:
             # anyio's asyncio UNIXSocketStream.receive() leaves its reader registered for a
             # moment after a cancelled receive; if the socket turns readable in that moment
             # the loop logs InvalidStateError (agronholm/anyio#1267 is the aclose() side of
@@ -679,7 +706,8 @@ async def _receive(stream: anyio.abc.ByteStream) -> bytes:
             await anyio.lowlevel.checkpoint()
             while True:
                 try:
-                    return raw.recv(_RECEIVE_SIZE)
+                    data: bytes = raw.recv(_RECEIVE_SIZE)
+                    return data
                 except BlockingIOError:
                     await anyio.wait_readable(raw)
         return await stream.receive(_RECEIVE_SIZE)
@@ -687,10 +715,11 @@ async def _receive(stream: anyio.abc.ByteStream) -> bytes:
         return b""
 
 
-async def _send_all(stream: anyio.abc.ByteStream, data: bytes) -> None:
+async def _send_all(stream: anyio.abc.ByteStream, data: bytes, raw: Any = _LOOK_UP) -> None:
     """Send every byte; raises OSError or anyio's stream errors when the client is gone."""
-    raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
-    if raw is None or raw.family != socket.AF_UNIX:
+    if raw is _LOOK_UP:
+        raw = _unix_socket(stream)
+    if raw is None:
         await stream.send(data)
         return
     # The same cancelled-waiter race as in _receive, on the sending side (write timeouts and

@@ -210,10 +210,13 @@ def test_promote_rollback_execute_offline_evaluate_reload(env: dict[str, Any]) -
     assert daemon.model("small")["retired"] is True
     # durable before the answer: the state file already has it
     assert daemon.state()["roles"]["chat"]["primary"] == "backup"
+    # resolve answers are cached per registry version: never stale after a change
+    assert curl(daemon, "GET", "/api/v1/resolve?role=chat")[1]["model_id"] == "backup"
     # rollback through modelctl
     out = modelctl(daemon, "rollback", "--role", "chat")
     assert out.returncode == 0 and "backup" in out.stdout and "small" in out.stdout
     assert daemon.state()["roles"]["chat"]["primary"] == "small"
+    assert curl(daemon, "GET", "/api/v1/resolve?role=chat")[1]["model_id"] == "small"
     # execute through curl: acts on the suggestion (big beats small)
     status, body = curl(daemon, "POST", "/api/v1/models/auto-upgrade/execute")
     assert status == 200 and body["changes"][0]["to"] == "big"
