@@ -156,6 +156,7 @@ class DaemonProcess:
               pass_fds: tuple[int, ...] = (), args: tuple[str, ...] = ()) -> DaemonProcess:
         """Start the daemon; with ``wait``, return once it sent READY=1."""
         self._open_notify_socket()
+        seen = len(self.read_notifications())  # a restart waits for its own READY=1
         env = dict(self.env)
         env["NOTIFY_SOCKET"] = self._notify_path
         cmd = [sys.executable, "-m", "daemon", "run", "--config", str(self.config_path), *args]
@@ -167,7 +168,7 @@ class DaemonProcess:
         finally:
             log.close()
         if wait:
-            self.wait_ready(timeout)
+            self.wait_ready(timeout, after=seen)
         return self
 
     def _open_notify_socket(self) -> None:
@@ -206,10 +207,11 @@ class DaemonProcess:
         assert found is not None
         return found - 1
 
-    def wait_ready(self, timeout: float = 20.0) -> None:
-        """Wait for READY=1; raises DaemonError with the log tail if the daemon exits first."""
+    def wait_ready(self, timeout: float = 20.0, after: int = 0) -> None:
+        """Wait for READY=1 (the first one from index ``after``); raises DaemonError with the
+        log tail if the daemon exits first."""
         try:
-            self.wait_notification("READY=1", timeout)
+            self.wait_notification("READY=1", timeout, after=after)
         except TimeoutError:
             raise DaemonError(f"daemon not ready after {timeout}s\n{self.log_tail()}") from None
 

@@ -283,7 +283,7 @@ def notify_observers(pm: pluggy.PluginManager, hook_name: str, log: Log, **kwarg
         plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
         try:
             impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit() in an observer is a plugin bug
             log.error(
                 "observer_failed",
                 hook=hook_name,

@@ -534,7 +534,7 @@ class Prober:
                 result = ProbeResult.failure(exc.reason)
             except anyio.get_cancelled_exc_class():
                 raise
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # sys.exit() in a plugin is a plugin bug
                 log.warning("probe_raised", error_type=type(exc).__name__, error=str(exc)[:300])
                 detail = one_line(str(exc), 200)
                 result = ProbeResult.failure(

@@ -96,6 +96,10 @@ class StateStore:
         if not directory.is_dir():
             raise StateError(f"state directory {directory} does not exist; create it "
                              "(systemd: StateDirectory=modeld) or set daemon.state_file")
+        if _read_only_fs(directory):
+            raise StateError(f"state directory {directory} is not writable: it is on a "
+                             "read-only file system; remount it read-write or set "
+                             "daemon.state_file (systemd: StateDirectory=modeld)")
         if not os.access(directory, os.W_OK | os.X_OK):
             raise StateError(f"state directory {directory} is not writable by uid "
                              f"{os.getuid()}; fix its permissions or set daemon.state_file")
@@ -103,10 +107,29 @@ class StateStore:
         try:
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.close(fd)
-            os.unlink(probe)
+            # a starting lock holder may already have swept it away (remove_stale_temps)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(probe)
         except OSError as exc:
             raise StateError(f"state directory {directory} is not writable: "
                              f"{exc.strerror or exc}") from None
+
+    def remove_stale_temps(self) -> list[str]:
+        """Delete temp and probe files left by a daemon killed mid-write; returns their names.
+
+        Call it with the lock held: only the lock holder writes them, so none is live.
+        """
+        prefixes = (f".{self.path.name}.tmp-", f".{self.path.name}.probe-")
+        removed = []
+        with os.scandir(self.path.parent) as entries:
+            for entry in entries:
+                if entry.name.startswith(prefixes) and entry.is_file(follow_symlinks=False):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        removed.append(entry.name)
+        if removed:
+            _fsync_dir(self.path.parent)
+        return sorted(removed)
 
     # ------------------------------------------------------------------- load
 
@@ -211,6 +234,13 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _read_only_fs(directory: Path) -> bool:
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _read_pid(fd: int) -> int | None:

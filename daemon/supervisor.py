@@ -437,6 +437,14 @@ class Daemon:
         except StateError as exc:
             raise StartupError(str(exc), EX_CANTCREAT) from None
         try:
+            stale = self.store.remove_stale_temps()
+        except OSError as exc:
+            self.log.warning("state_temp_cleanup_failed", path=str(self.store.path),
+                             error=exc.strerror or str(exc))
+        else:
+            if stale:
+                self.log.warning("state_temp_removed", path=str(self.store.path), files=stale)
+        try:
             loaded = self.store.load()
         except StateError as exc:
             raise StartupError(str(exc), EX_CANTCREAT) from None

@@ -418,3 +418,16 @@ def test_check_state_shape_names_broken_models_and_roles():
 
 def test_check_state_shape_of_a_non_object():
     assert check_state_shape([]) == ["state is not a JSON object"]
+
+
+def test_remove_stale_temps_deletes_only_leftovers_of_killed_writers(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "model_registry.json")
+    store.write({"offline_mode": False})
+    leftovers = [".model_registry.json.tmp-123-456", ".model_registry.json.probe-77"]
+    keep = ["model_registry.json", "model_registry.json.corrupt-20260101T000000Z",
+            ".other.json.tmp-1-2", "notes.txt"]
+    for name in [*leftovers, *keep[1:]]:
+        (tmp_path / name).write_text("x")
+    assert store.remove_stale_temps() == sorted(leftovers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+    assert store.remove_stale_temps() == []
