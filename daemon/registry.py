@@ -13,6 +13,7 @@ probe's I/O lives in the prober).
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -321,6 +322,7 @@ class ModelRegistry:
         quarantined.
         """
         entry = self.entry(model_id)
+        result = _sane(result)
         old = entry.health.status
         entry.health = apply_probe(entry.health, result, self.config.health, now)
         entry.score = score(entry.spec, entry.health, self.config.score)
@@ -730,13 +732,15 @@ class ModelRegistry:
                 "status": h.status.value,
                 "consecutive_successes": h.consecutive_successes,
                 "consecutive_failures": h.consecutive_failures,
-                "window": [[s.ok, s.latency_ms] for s in h.window],
+                # microseconds are finer than any probe's jitter; full float reprs made the
+                # window the costliest part of encoding the state
+                "window": [[s.ok, _ms(s.latency_ms)] for s in h.window],
                 "probes_total": h.probes_total,
                 "failures_total": h.failures_total,
                 "changed_at": h.changed_at,
                 "retired": entry.retired,
                 "score": round(entry.score.total, 6),
-                "latency_p50_ms": h.p50,
+                "latency_p50_ms": _ms(h.p50),
                 "recent": [r.to_json() for r in list(entry.recent)[-probes_kept:]]
                 if probes_kept else [],
                 "not_probed": entry.not_probed,
@@ -845,10 +849,26 @@ class ModelRegistry:
         return registry
 
 
+def _sane(result: ProbeResult) -> ProbeResult:
+    """The result with a latency that is a finite, non-negative number of ms, or None: a
+    plugin's NaN or negative latency must not reach the score or the state file."""
+    latency = result.latency_ms
+    if latency is None or (isinstance(latency, int | float) and math.isfinite(latency)
+                           and latency >= 0):
+        return result
+    return ProbeResult(result.status, None, result.reason, result.facts)
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
 def _jsonable(facts: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in facts.items():
-        if value is None or isinstance(value, bool | int | float | str):
+        if isinstance(value, float) and not math.isfinite(value):
+            out[str(key)] = str(value)  # JSON has no NaN or infinity
+        elif value is None or isinstance(value, bool | int | float | str):
             out[str(key)] = value
         elif isinstance(value, list | tuple):
             out[str(key)] = [v if isinstance(v, bool | int | float | str) else str(v)

@@ -191,8 +191,9 @@ class StateStore:
         payload = dict(data)
         payload["schema_version"] = SCHEMA_VERSION
         payload["saved_at"] = time.time() if now is None else now
-        return json.dumps(payload, sort_keys=True, separators=(",", ":"),
-                          allow_nan=False).encode() + b"\n"
+        # the payload is fresh data from to_state(): no cycles to look for
+        return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False,
+                          check_circular=False).encode() + b"\n"
 
     def write_bytes(self, content: bytes) -> None:
         """Replace the state file with ``content`` atomically and durably.

@@ -173,12 +173,12 @@ class Daemon:
             snapshot = self.registry.to_state()
             try:
                 size = await anyio.to_thread.run_sync(self.store.write, snapshot)
-            except OSError as exc:
-                reason = exc.strerror or str(exc)
+            except (OSError, ValueError) as exc:  # ValueError: data JSON cannot encode
+                reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
                 self.last_write = WriteRecord(time.time(), False, reason)
                 self.metrics.state_write_failures.inc()
                 self.log.error("state_write_failed", path=str(self.store.path), error=reason,
-                               errno=exc.errno)
+                               errno=getattr(exc, "errno", None))
                 raise StateNotSaved(reason) from None
             seconds = time.perf_counter() - started
             if not self.last_write.ok:

@@ -998,3 +998,17 @@ def test_model_moved_to_another_role_is_not_retired_there_after_a_restart():
     assert registry.get_model_for_use("code").fallbacks == ("y", "a")
     assert restarted.models["a"].retired is registry.models["a"].retired is False
     assert restarted.get_model_for_use("code").fallbacks == ("y", "a")
+
+
+def test_non_finite_latency_and_facts_from_a_plugin_never_break_the_state() -> None:
+    import json
+
+    registry = make(remote("a", primary=True))
+    registry.apply_probe("a", ProbeResult.healthy(-5.0), T0)
+    registry.apply_probe("a", ProbeResult.healthy(float("nan"), weird=float("inf")), T0)
+    entry = registry.models["a"]
+    assert entry.last_probe is not None and entry.last_probe.latency_ms is None
+    assert all(s.latency_ms is None for s in entry.health.window)
+    assert 0.0 <= entry.score.total <= 1.0
+    text = json.dumps(registry.to_state(), allow_nan=False)  # raises on NaN or infinity
+    assert '"weird":"inf"' in text.replace(" ", "")
