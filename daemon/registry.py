@@ -850,13 +850,17 @@ class ModelRegistry:
 
 
 def _sane(result: ProbeResult) -> ProbeResult:
-    """The result with a latency that is a finite, non-negative number of ms, or None: a
-    plugin's NaN or negative latency must not reach the score or the state file."""
+    """The result as the registry can keep it: a latency that is a finite, non-negative
+    number of ms (else None) and a reason that is a string. A plugin's NaN latency or odd
+    reason must not reach the score or the state file."""
     latency = result.latency_ms
-    if latency is None or (isinstance(latency, int | float) and math.isfinite(latency)
-                           and latency >= 0):
+    latency_ok = latency is None or (isinstance(latency, int | float)
+                                     and not isinstance(latency, bool)
+                                     and math.isfinite(latency) and latency >= 0)
+    if latency_ok and isinstance(result.reason, str):
         return result
-    return ProbeResult(result.status, None, result.reason, result.facts)
+    return ProbeResult(result.status, latency if latency_ok else None, str(result.reason),
+                       result.facts)
 
 
 def _ms(value: float | None) -> float | None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from daemon.config import Config, parse_config
-from daemon.model import EventKind, HealthStatus, ProbeResult
+from daemon.model import EventKind, HealthStatus, ProbeResult, ProbeStatus
 from daemon.registry import (
     ModelRegistry,
     ModelUnavailable,
@@ -1012,3 +1012,8 @@ def test_non_finite_latency_and_facts_from_a_plugin_never_break_the_state() -> N
     assert 0.0 <= entry.score.total <= 1.0
     text = json.dumps(registry.to_state(), allow_nan=False)  # raises on NaN or infinity
     assert '"weird":"inf"' in text.replace(" ", "")
+    odd: Any = ProbeResult(ProbeStatus.FAILED, True, reason=ValueError("boom"))  # type: ignore
+    registry.apply_probe("a", odd, T0)
+    last = registry.models["a"].last_probe
+    assert last is not None and last.reason == "boom" and last.latency_ms is None
+    json.dumps(registry.to_state(), allow_nan=False)
