@@ -120,9 +120,20 @@ def cmd_run(path: str) -> int:
     return anyio.run(daemon.run)
 
 
+def _quiet_logging() -> None:
+    """The offline helpers print results on stdout; their logs are warnings on stderr."""
+    import logging
+
+    from .logs import configure_logging
+
+    configure_logging("auto", level=logging.WARNING, stream=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``modeld`` command."""
     args = _parser().parse_args(argv)
+    if args.command in ("check-config", "config", "plugins"):
+        _quiet_logging()
     if args.version:
         from . import __version__
 
