@@ -297,6 +297,10 @@ class ControlAPI:
         except ConfigError as exc:
             raise HTTPError(422, "config_invalid", "the new configuration was rejected; the "
                             "old one stays in effect", errors=exc.errors) from None
+        except StateNotSaved as exc:
+            raise HTTPError(503, "state_write_failed", f"the new configuration is in effect "
+                            f"but the state could not be saved: {exc}; it will be retried"
+                            ) from None
         return Response.json(summary)
 
     async def _changed(self, changes: list[Any], actor: str) -> Response:

@@ -298,9 +298,16 @@ def _check_sha256(value: Any) -> str | None:
 def _check_endpoint(value: Any) -> str | None:
     if not value:
         return None
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(value)
+        host, _port = parts.hostname, parts.port  # both parse lazily and may raise
+    except ValueError as exc:
+        return f'"{value}" is not a valid URL: {exc}'
+    if parts.scheme not in ("http", "https") or not host:
         return f'"{value}" is not an http:// or https:// URL'
+    if parts.username is not None or parts.password is not None:
+        return ("must not carry credentials (user:password@); put a token in the environment "
+                "variable named by api_key_env")
     return None
 
 
@@ -396,10 +403,10 @@ def _parse_table(
             continue
         try:
             value = _coerce(key, raw)
+            problem = key.check(value) if key.check else None
         except ValueError as exc:
             out.add(f"{prefix}{name}", str(exc))
             continue
-        problem = key.check(value) if key.check else None
         if problem:
             out.add(f"{prefix}{name}", problem)
             continue
@@ -409,7 +416,10 @@ def _parse_table(
 
 def is_loopback_url(url: str) -> bool:
     """Whether an endpoint URL points at this host."""
-    host = urlsplit(url).hostname or ""
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        return False
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:

@@ -15,7 +15,7 @@ import random
 import signal
 import time
 from collections.abc import AsyncIterator, Mapping, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -196,37 +196,49 @@ class Daemon:
         return result
 
     async def reload(self, actor: str = "signal") -> dict[str, Any]:
-        """Re-read the configuration; raises ConfigError, keeping the old one, when invalid."""
+        """Re-read the configuration. Raises ConfigError, keeping the old one, when the new
+        one is invalid; StateNotSaved when it took effect but could not be written."""
         async with self._reload_lock:
             self.notifier.reloading("reloading configuration")
             try:
-                new = await anyio.to_thread.run_sync(load_config, self.config_path)
-                errors = unknown_providers(new, self.prober.probes if self.prober else {})
-                if errors:
-                    raise ConfigError(errors)
-            except ConfigError as exc:
-                self.log.error("config_reload_failed", path=self.config_path, actor=actor,
-                               errors=exc.errors)
+                return await self._reload(actor)
+            finally:
+                # whatever happened, systemd must not be left thinking we are reloading
                 self.notifier.ready(self._status_line())
-                raise
-            restart = [key for key in RESTART_KEYS
-                       if getattr(new.daemon, key) != getattr(self.config.daemon, key)]
-            diff = self.registry.apply_config(new, time.time(), actor=actor)
-            self.config = new
-            if self.prober is not None:
-                self.prober.config = new.probe
-                self.prober.limiter.total_tokens = new.probe.max_concurrent
-            for model_id in diff.removed:
-                self._next_due.pop(model_id, None)
-            self._reschedule.set()
-            self.log.info("config_reloaded", path=self.config_path, actor=actor,
-                          added=list(diff.added), removed=list(diff.removed),
-                          changed=list(diff.changed), restart_required=restart)
-            with contextlib.suppress(StateNotSaved):
-                await self.persist()
-            self.notifier.ready(self._status_line())
-            return {"added": list(diff.added), "removed": list(diff.removed),
-                    "changed": list(diff.changed), "restart_required": restart}
+
+    async def _reload(self, actor: str) -> dict[str, Any]:
+        try:
+            new = await anyio.to_thread.run_sync(load_config, self.config_path)
+            errors = unknown_providers(new, self.prober.probes if self.prober else {})
+            if errors:
+                raise ConfigError(errors)
+        except ConfigError as exc:
+            self.log.error("config_reload_failed", path=self.config_path, actor=actor,
+                           errors=exc.errors)
+            raise
+        except Exception as exc:  # a config that breaks the loader is a rejected config
+            self.log.exception("config_reload_failed", path=self.config_path, actor=actor)
+            raise ConfigError([f"{self.config_path}: cannot load: {exc!r}"]) from exc
+        restart = [f"daemon.{key}" for key in RESTART_KEYS
+                   if getattr(new.daemon, key) != getattr(self.config.daemon, key)]
+        if new.probe.max_concurrent != self.config.probe.max_concurrent:
+            # the HTTP client's connection pool is sized at start; keep the limiter matching
+            restart.append("probe.max_concurrent")
+            new = replace(new, probe=replace(new.probe,
+                                             max_concurrent=self.config.probe.max_concurrent))
+        diff = self.registry.apply_config(new, time.time(), actor=actor)
+        self.config = new
+        if self.prober is not None:
+            self.prober.config = new.probe
+        for model_id in diff.removed:
+            self._next_due.pop(model_id, None)
+        self._reschedule.set()
+        self.log.info("config_reloaded", path=self.config_path, actor=actor,
+                      added=list(diff.added), removed=list(diff.removed),
+                      changed=list(diff.changed), restart_required=restart)
+        await self.persist()  # a reload is a decision: durable before it is acknowledged
+        return {"added": list(diff.added), "removed": list(diff.removed),
+                "changed": list(diff.changed), "restart_required": restart}
 
     def status(self) -> dict[str, Any]:
         registry = self.registry
@@ -416,7 +428,8 @@ class Daemon:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    with contextlib.suppress(ConfigError):
+                    # failures are logged by reload(); a signal has nobody to answer to
+                    with contextlib.suppress(ConfigError, StateNotSaved):
                         await self.reload(actor="SIGHUP")
                 else:
                     self.log.info("stop_requested", signal=signal.Signals(signum).name)

@@ -448,3 +448,15 @@ def test_config_classes_are_frozen():
     with pytest.raises(AttributeError):
         ProbeConfig().interval = 1.0  # type: ignore[misc]
     assert ScoreConfig() == ScoreConfig() and PolicyConfig() == PolicyConfig()
+
+
+@pytest.mark.parametrize(("endpoint", "words"), [
+    ("http://[::1:8000/", "not a valid URL"),
+    ("http://host:99999/", "not a valid URL"),
+    ("https://user:token@host/", "must not carry credentials"),
+])
+def test_endpoints_that_break_url_parsing_or_carry_credentials_are_config_errors(
+        endpoint: str, words: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"models": [{"id": "m", "provider": "openai", "endpoint": endpoint}]}, SRC)
+    assert f"{SRC}: models[0].endpoint: " in str(caught.value) and words in str(caught.value)

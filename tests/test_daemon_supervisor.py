@@ -239,6 +239,26 @@ def test_broken_config_on_sighup_is_rejected_and_the_old_one_keeps_serving(
         assert resolve(daemon)[0] == 200
 
 
+def test_a_config_that_breaks_url_parsing_is_rejected_on_sighup_and_systemd_told_ready(
+        workdir: Path, servers: FakeServers) -> None:
+    _primary, _fallback, models = chat_pair(servers)
+    with DaemonProcess(workdir, daemon_config(workdir, models)) as daemon:
+        daemon.wait_health("small", "healthy")
+        broken = dict(daemon.config, models=[dict(models[0], endpoint="http://[::1:8000/")])
+        daemon.write_config(broken)
+        daemon.signal(signal.SIGHUP)
+        failed = wait_for(lambda: daemon.log_events("config_reload_failed"), 5,
+                          what="config_reload_failed")
+        assert any("models[0].endpoint" in e and "not a valid URL" in e
+                   for e in failed[-1]["errors"])
+        reloading = daemon.wait_notification("RELOADING=1")
+        daemon.wait_notification("READY=1", after=reloading)  # not stuck "reloading"
+        assert daemon.running()
+        assert resolve(daemon)[1]["model_id"] == "small"
+        status, body = daemon.request("POST", "/api/v1/reload")
+        assert status == 422 and body["error"]["code"] == "config_invalid"
+
+
 def test_sigterm_flushes_and_exits_0_with_the_last_decisions_saved(
         workdir: Path, servers: FakeServers) -> None:
     _primary, _fallback, models = chat_pair(servers)
