@@ -22,6 +22,7 @@ import dataclasses
 import errno
 import hashlib
 import json as jsonlib
+import math
 import os
 import time
 from collections.abc import Callable, Hashable, Mapping
@@ -36,7 +37,7 @@ import structlog
 
 from . import __version__
 from .config import ProbeConfig
-from .model import ModelSpec, ProbeResult
+from .model import ModelSpec, ProbeResult, ProbeStatus
 
 USER_AGENT = f"modeld/{__version__}"
 
@@ -535,7 +536,9 @@ class Prober:
             except anyio.get_cancelled_exc_class():
                 raise
             except (Exception, SystemExit) as exc:  # sys.exit() in a plugin is a plugin bug
-                log.warning("probe_raised", error_type=type(exc).__name__, error=str(exc)[:300])
+                secrets = _secrets(spec)
+                log.warning("probe_raised", error_type=type(exc).__name__,
+                            error=_mask(str(exc)[:300], secrets))
                 detail = one_line(str(exc), 200)
                 result = ProbeResult.failure(
                     f"probe raised {type(exc).__name__}" + (f": {detail}" if detail else "")
@@ -546,21 +549,59 @@ class Prober:
             result = ProbeResult.failure(
                 f"probe returned {type(result).__name__}, not ProbeResult"
             )
-        if result.latency_ms is None or scope.cancelled_caught:
-            result = dataclasses.replace(result, latency_ms=elapsed_ms())
-        return _without_secret(result, spec)
+        verdict = _normalised(result, _secrets(spec))
+        if verdict.latency_ms is None or scope.cancelled_caught:
+            verdict = dataclasses.replace(verdict, latency_ms=elapsed_ms())
+        return verdict
 
 
-def _without_secret(result: ProbeResult, spec: ModelSpec) -> ProbeResult:
-    """``result`` with the model's API key masked, should a probe have echoed it anywhere."""
+def _secrets(spec: ModelSpec) -> tuple[str, ...]:
+    """The forms in which the model's API key could be echoed back: as is, stripped, and
+    escaped the way Python and the HTTP layer quote bytes in error messages."""
     secret = os.environ.get(spec.api_key_env, "") if spec.api_key_env else ""
-    if len(secret) < 4:  # too short to search for without masking innocent text
-        return result
-    reason = result.reason.replace(secret, "***")
-    facts = {
-        key: value.replace(secret, "***") if isinstance(value, str) else value
-        for key, value in result.facts.items()
-    }
-    if reason == result.reason and facts == dict(result.facts):
-        return result
-    return dataclasses.replace(result, reason=reason, facts=MappingProxyType(facts))
+    forms = {secret, secret.strip(), repr(secret)[1:-1], repr(secret.encode())[2:-1]}
+    # too short to search for without masking innocent text
+    return tuple(sorted((f for f in forms if len(f) >= 4), key=len, reverse=True))
+
+
+def _mask(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _fact(value: Any, secrets: tuple[str, ...]) -> Any:
+    if isinstance(value, str):
+        return _mask(value, secrets)
+    if isinstance(value, bool) or value is None or isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, list | tuple):
+        return [_fact(v, secrets) for v in value]
+    return _mask(str(value), secrets)
+
+
+def _normalised(result: ProbeResult, secrets: tuple[str, ...]) -> ProbeResult:
+    """``result`` as the rest of the daemon can rely on it, whatever a plugin built: a real
+    status, a finite non-negative latency (or None), a one-line string reason and JSON-safe
+    facts, with the model's API key masked should a probe have echoed it anywhere."""
+    status = result.status
+    if not isinstance(status, ProbeStatus):
+        try:
+            status = ProbeStatus(status)
+        except ValueError:
+            return ProbeResult.failure(
+                f"probe returned a ProbeResult with an invalid status {one_line(repr(status))}"
+            )
+    latency = result.latency_ms
+    if not (isinstance(latency, int | float) and not isinstance(latency, bool)
+            and math.isfinite(latency) and latency >= 0):
+        latency = None
+    raw_facts = result.facts if isinstance(result.facts, Mapping) else {}
+    return ProbeResult(
+        status,
+        None if latency is None else float(latency),
+        _mask(one_line(str(result.reason)), secrets),
+        MappingProxyType({str(k): _fact(v, secrets) for k, v in raw_facts.items()}),
+    )

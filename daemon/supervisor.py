@@ -173,8 +173,8 @@ class Daemon:
             snapshot = self.registry.to_state()
             try:
                 size = await anyio.to_thread.run_sync(self.store.write, snapshot)
-            except (OSError, ValueError) as exc:  # ValueError: data JSON cannot encode
-                reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+            except Exception as exc:  # OSError (disk), or anything the encoder refuses
+                reason = (exc.strerror if isinstance(exc, OSError) else None) or repr(exc)
                 self.last_write = WriteRecord(time.time(), False, reason)
                 self.metrics.state_write_failures.inc()
                 self.log.error("state_write_failed", path=str(self.store.path), error=reason,

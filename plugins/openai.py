@@ -48,9 +48,14 @@ def auth_headers(spec: ModelSpec) -> tuple[dict[str, str], str | None]:
     """The Authorization header for ``spec``, or a failure reason when the key is missing."""
     if not spec.api_key_env:
         return {}, None
-    key = os.environ.get(spec.api_key_env, "")
+    # a key file saved with a trailing newline (or CRLF) is the common case: strip it
+    key = os.environ.get(spec.api_key_env, "").strip()
     if not key:
         return {}, f"api_key_env: environment variable {spec.api_key_env} is not set or empty"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
+        # never let the HTTP layer quote it back in an error message
+        return {}, (f"api_key_env: environment variable {spec.api_key_env} contains control "
+                    "characters")
     return {"Authorization": f"Bearer {key}"}, None
 
 

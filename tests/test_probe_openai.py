@@ -240,3 +240,17 @@ async def test_deep_probes_are_per_model_not_shared() -> None:
         for name in ["a", "b", "a"]:
             tg.start_soon(prober.run, spec(name, endpoint=fake.url, deep=True))
     assert fake.count("POST", "/v1/chat/completions") == 3
+
+
+async def test_a_key_with_a_trailing_newline_works_and_one_with_control_chars_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    async with FakeOpenAI(["m"], api_key="sk-SECRET-key") as fake, running_prober() as prober:
+        monkeypatch.setenv("KEY_WITH_NL", "sk-SECRET-key\r\n")  # a key file with CRLF
+        good = await prober.run(spec("m", endpoint=fake.url, api_key_env="KEY_WITH_NL"))
+        assert good.status is ProbeStatus.OK
+        monkeypatch.setenv("KEY_WITH_NL", "sk-SECRET\x01key")
+        fake.reset_counts()
+        bad = await prober.run(spec("m", endpoint=fake.url, api_key_env="KEY_WITH_NL"))
+    assert bad.status is ProbeStatus.FAILED
+    assert bad.reason == "api_key_env: environment variable KEY_WITH_NL contains control characters"
+    assert "SECRET" not in bad.reason and fake.total_requests == 0

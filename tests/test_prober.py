@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import anyio
@@ -372,3 +374,45 @@ async def test_context_requests_are_bounded_by_the_deadline_even_while_bytes_tri
                               json={"model": "m", "messages": []})
     assert shared.value.reason == unshared.value.reason == "timed out after 0.3s"
     assert time.perf_counter() - started < 0.9
+
+
+@pytest.mark.parametrize(("built", "status", "reason"), [
+    (ProbeResult("ok", 1.0), ProbeStatus.OK, ""),  # type: ignore[arg-type]
+    (ProbeResult("bogus", 1.0), ProbeStatus.FAILED, "invalid status"),  # type: ignore[arg-type]
+    (ProbeResult(ProbeStatus.OK, "fast"), ProbeStatus.OK, ""),  # type: ignore[arg-type]
+    (ProbeResult(ProbeStatus.OK, float("nan")), ProbeStatus.OK, ""),
+    (ProbeResult(ProbeStatus.FAILED, -3.0, None), ProbeStatus.FAILED, "None"),  # type: ignore
+    (ProbeResult(ProbeStatus.OK, 1.0, "x\ny", None), ProbeStatus.OK, "x y"),  # type: ignore
+])
+async def test_a_malformed_probe_result_is_normalised_never_passed_on(
+        built: ProbeResult, status: ProbeStatus, reason: str) -> None:
+    # each of these crashed the daemon further down (metrics, masking, the state encoder)
+    result = await prober_with({"p": FixedProbe(built)}).run(spec(provider="p"))
+    assert result.status is status
+    assert reason in result.reason and "\n" not in result.reason
+    assert isinstance(result.latency_ms, float) and result.latency_ms >= 0
+    assert isinstance(result.facts, Mapping)
+
+
+async def test_facts_are_made_json_safe() -> None:
+    built = ProbeResult.healthy(1.0, inf=float("inf"), obj=object(), items=(1, "a"), n=None)
+    result = await prober_with({"p": FixedProbe(built)}).run(spec(provider="p"))
+    assert result.facts["inf"] == "inf" and result.facts["items"] == [1, "a"]
+    assert isinstance(result.facts["obj"], str) and result.facts["n"] is None
+    json.dumps(dict(result.facts), allow_nan=False)
+
+
+class SecretRaisingProbe:
+    async def probe(self, spec: ModelSpec, ctx: ProbeContext) -> ProbeResult:
+        raise RuntimeError(f"upstream rejected key {os.environ['KEY_FOR_TEST']!r}")
+
+
+@pytest.mark.parametrize("key", ["sk-SECRET-1234", "sk-SECRET-abcdef\n", "sk-SECRET-x\r\n"])
+async def test_a_key_echoed_in_an_exception_is_masked_in_the_log_and_the_reason(
+        monkeypatch: pytest.MonkeyPatch, key: str) -> None:
+    monkeypatch.setenv("KEY_FOR_TEST", key)
+    with structlog.testing.capture_logs() as logs:
+        result = await prober_with({"p": SecretRaisingProbe()}).run(
+            spec(provider="p", api_key_env="KEY_FOR_TEST"))
+    assert "SECRET" not in result.reason and "***" in result.reason
+    assert "SECRET" not in json.dumps(logs, default=str)
