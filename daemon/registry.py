@@ -813,7 +813,7 @@ class ModelRegistry:
                 window=window,
                 probes_total=int(raw.get("probes_total", 0)),
                 failures_total=int(raw.get("failures_total", 0)),
-                changed_at=raw.get("changed_at"),
+                changed_at=_opt_float(raw.get("changed_at")),
             )
             # retired is a place in a role's fallback order: it does not follow a model that
             # the configuration moved to another role (as apply_config does on reload)
@@ -833,9 +833,9 @@ class ModelRegistry:
             state.stack = [p for p in (Promotion.from_json(x) for x in raw.get("stack", []))
                            if p.to_id in members and (p.from_id is None or p.from_id in members)]
             state.history = [HistoryEntry.from_json(h) for h in raw.get("history", [])]
-            state.promoted_at = raw.get("promoted_at")
+            state.promoted_at = _opt_float(raw.get("promoted_at"))
             state.promoted_automatically = bool(raw.get("promoted_automatically", False))
-            state.last_auto_promotion_at = raw.get("last_auto_promotion_at")
+            state.last_auto_promotion_at = _opt_float(raw.get("last_auto_promotion_at"))
         for role_name, state in registry.roles.items():
             if state.primary is None and not state.history:
                 declared = next((registry.models[m].spec for m in registry._by_role[role_name]
@@ -861,6 +861,16 @@ def _sane(result: ProbeResult) -> ProbeResult:
         return result
     return ProbeResult(result.status, latency if latency_ok else None, str(result.reason),
                        result.facts)
+
+
+def _opt_float(value: Any) -> float | None:
+    """A saved time: None, or a number; anything else makes the state invalid (it would
+    otherwise load, then break the first probation or cooldown check)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number or null, got {type(value).__name__} {value!r:.40}")
+    return float(value)
 
 
 def _ms(value: float | None) -> float | None:

@@ -42,7 +42,7 @@ from .model import Event, EventKind, ModelSpec, ProbeResult
 from .plugins import PluginError, collect_probes, get_plugin_manager, notify_observers
 from .prober import Prober, make_http_client
 from .registry import ModelRegistry, StateShapeError
-from .state import StateError, StateLocked, StateStore
+from .state import StateError, StateLocked, StateStore, check_state_shape
 from .systemd import Notifier, listen_fds, status_line, watchdog_interval
 
 EX_OK = 0
@@ -471,6 +471,9 @@ class Daemon:
             self.log.info("state_fresh", path=str(self.store.path))
         else:
             try:
+                problems = check_state_shape(loaded.data)
+                if problems:
+                    raise StateShapeError("; ".join(problems[:5]))
                 self.registry = ModelRegistry.from_state(
                     self.config, loaded.data, now, offline_override=self._offline_override)
             except StateShapeError as exc:

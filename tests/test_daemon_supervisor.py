@@ -489,3 +489,28 @@ def test_status_reports_uptime_counts_and_last_state_write(
         assert status["last_state_write"]["ok"] is True
         assert status["last_sweep"]["probes_total"] >= 2
         assert status["uptime_s"] > 0
+
+
+@pytest.mark.parametrize("content", [
+    b'{"schema_version": 1, "models": {',  # cut off mid-write by something else
+    b"\x00\x01garbage",
+    # valid JSON, wrong shape: a hand edit gone wrong
+    b'{"schema_version": 1, "saved_at": 1, "offline_mode": false, "models": {}, "quarantine": '
+    b'{}, "event_seq": 0, "events": [], "roles": {"chat": {"primary": "small", "history": [],'
+    b' "promoted_at": "yesterday"}}}',
+])
+def test_a_corrupt_state_file_is_kept_aside_and_the_daemon_starts_fresh(
+        workdir: Path, servers: FakeServers, content: bytes) -> None:
+    _primary, _fallback, models = chat_pair(servers)
+    config = daemon_config(workdir, models)
+    state = Path(config["daemon"]["state_file"])
+    state.parent.mkdir(parents=True)
+    state.write_bytes(content)
+    with DaemonProcess(workdir, config) as daemon:
+        daemon.wait_health("small", "healthy")
+        assert resolve(daemon)[1]["model_id"] == "small"
+        corrupt = daemon.log_events("state_corrupt")
+        assert corrupt and corrupt[0]["path"] == str(state)
+        kept = Path(corrupt[0]["kept_as"])
+        assert kept.read_bytes() == content and kept.name.startswith("model_registry.json.corrupt-")
+        assert check_state_shape(daemon.state()) == []

@@ -1017,3 +1017,14 @@ def test_non_finite_latency_and_facts_from_a_plugin_never_break_the_state() -> N
     last = registry.models["a"].last_probe
     assert last is not None and last.reason == "boom" and last.latency_ms is None
     json.dumps(registry.to_state(), allow_nan=False)
+
+
+@pytest.mark.parametrize("field", ["promoted_at", "last_auto_promotion_at"])
+def test_a_saved_time_of_the_wrong_type_makes_the_state_invalid(field: str) -> None:
+    registry = make(remote("a", primary=True), remote("b"))
+    up(registry, "b")
+    registry.promote_model("b", now=T0, automatic=True)
+    state = json_round_trip(registry.to_state())
+    state["roles"]["chat"][field] = "2024-01-01T00:00:00Z"
+    with pytest.raises(StateShapeError):
+        ModelRegistry.from_state(registry.config, state, T0 + 1)
