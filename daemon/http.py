@@ -68,6 +68,8 @@ class Peer:
     pid: int
     uid: int
     gid: int
+    #: supplementary groups at connect time (SO_PEERGROUPS); None where the kernel cannot say
+    groups: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +208,21 @@ def peer_credentials(stream: anyio.abc.ByteStream) -> Peer | None:
     except OSError:
         return None
     pid, uid, gid = struct.unpack("3i", creds)
-    return Peer(pid, uid, gid)
+    return Peer(pid, uid, gid, _peer_groups(raw))
+
+
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
+
+
+def _peer_groups(raw: socket.socket) -> tuple[int, ...] | None:
+    """The peer's supplementary groups as the kernel recorded them at connect time: unlike
+    /proc/<pid>, they cannot be swapped by a process that exits and lets its pid be reused."""
+    try:
+        data = raw.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 1024)  # up to 256 groups
+    except OSError:
+        return None
+    count = len(data) // 4
+    return tuple(struct.unpack(f"{count}I", data[: count * 4]))
 
 
 # ----------------------------------------------------------------------------- the server

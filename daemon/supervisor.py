@@ -123,6 +123,8 @@ class Daemon:
         self._stop = anyio.Event()
         self.last_write = WriteRecord()
         self._persisted_decisions = 0
+        self._admin_gid_for: str | None = None
+        self._admin_gid_cached: int | None = None
         self.probes_total = 0
         self.last_probe_at: float | None = None
         self.api = ControlAPI(self, self.log.bind(component="api"))
@@ -152,14 +154,25 @@ class Daemon:
         if not group:
             return (f"uid {peer.uid} is neither root nor the daemon's uid ({os.getuid()}) "
                     "and no admin_group is configured")
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
+        gid = self._admin_gid()
+        if gid is None:
             return f'uid {peer.uid} is not root and admin group "{group}" does not exist'
         if gid in _peer_groups(peer):
             return None
         return (f"uid {peer.uid} is neither root, the daemon's uid ({os.getuid()}), "
                 f'nor a member of group "{group}"')
+
+    def _admin_gid(self) -> int | None:
+        """The admin group's gid, looked up once per configuration (an NSS lookup may go to
+        LDAP; it must not run on the event loop for every request)."""
+        group = self.config.daemon.admin_group
+        if self._admin_gid_for != group:
+            try:
+                self._admin_gid_cached = grp.getgrnam(group).gr_gid
+            except KeyError:
+                self._admin_gid_cached = None
+            self._admin_gid_for = group
+        return self._admin_gid_cached
 
     async def persist(self) -> None:
         """Write the state durably if it changed; raises StateNotSaved when the write fails."""
@@ -617,17 +630,11 @@ class Daemon:
 
 
 def _peer_groups(peer: Peer) -> set[int]:
-    """The peer's groups: from /proc when readable (the process's real set), else from the
-    group database for its user."""
+    """The peer's groups: as the kernel recorded them at connect time (SO_PEERGROUPS), or,
+    where it cannot say, from the group database for the peer's user."""
     groups = {peer.gid}
-    try:
-        with open(f"/proc/{peer.pid}/status", encoding="ascii", errors="replace") as status:
-            for line in status:
-                if line.startswith("Groups:"):
-                    groups.update(int(g) for g in line.split()[1:])
-                    return groups
-    except OSError:
-        pass
+    if peer.groups is not None:
+        return groups | set(peer.groups)
     try:
         user = pwd.getpwuid(peer.uid)
         groups.update(os.getgrouplist(user.pw_name, user.pw_gid))
