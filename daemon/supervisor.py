@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import math
 import os
 import pwd
 import random
@@ -377,17 +378,36 @@ class Daemon:
             await self.persist()
 
     async def _group_loop(self, model_ids: list[str]) -> None:
-        """Probe the models behind one endpoint on shared ticks, so their requests coalesce."""
-        while True:
-            tick = time.monotonic()
-            due = [m for m in model_ids if self._next_due.get(m, 0.0) <= tick + GROUP_SLACK]
-            if due:
-                jitter = random.uniform(0.9, 1.1)
-                async with anyio.create_task_group() as tg:
+        """Probe the models behind one endpoint on shared ticks, so their requests coalesce.
+
+        A probe still running does not hold the others back: a deep probe or a long
+        per-model timeout must not slow its neighbours' rechecks after a failure.
+        """
+        in_flight: set[str] = set()
+        wake = anyio.Event()
+
+        async def probe(model_id: str, tick: float, jitter: float) -> None:
+            try:
+                await self._probe(model_id, tick, jitter)
+            finally:
+                in_flight.discard(model_id)
+                wake.set()  # its next due time may be sooner than what the loop waits for
+
+        async with anyio.create_task_group() as tg:
+            while True:
+                wake = anyio.Event()
+                tick = time.monotonic()
+                due = [m for m in model_ids if m not in in_flight
+                       and self._next_due.get(m, 0.0) <= tick + GROUP_SLACK]
+                if due:
+                    jitter = random.uniform(0.9, 1.1)
                     for model_id in due:
-                        tg.start_soon(self._probe, model_id, tick, jitter)
-            upcoming = min((self._next_due.get(m, tick) for m in model_ids), default=tick + 1)
-            await anyio.sleep(max(upcoming - time.monotonic(), 0.0))
+                        in_flight.add(model_id)
+                        tg.start_soon(probe, model_id, tick, jitter)
+                upcoming = min((self._next_due.get(m, tick) for m in model_ids
+                                if m not in in_flight), default=math.inf)
+                with anyio.move_on_after(max(upcoming - time.monotonic(), 0.0)):
+                    await wake.wait()
 
     def _groups(self) -> dict[str, list[str]]:
         groups: dict[str, list[str]] = {}

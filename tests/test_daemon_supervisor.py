@@ -514,3 +514,42 @@ def test_a_corrupt_state_file_is_kept_aside_and_the_daemon_starts_fresh(
         kept = Path(corrupt[0]["kept_as"])
         assert kept.read_bytes() == content and kept.name.startswith("model_registry.json.corrupt-")
         assert check_state_shape(daemon.state()) == []
+
+
+SLOW_PLUGIN = '''
+import anyio
+from daemon import ProbeResult, hookimpl
+
+
+class SlowProbe:
+    async def probe(self, spec, ctx):
+        await anyio.sleep(2.5)  # e.g. a deep probe generating a token on a busy server
+        return ProbeResult.healthy(2500.0)
+
+
+@hookimpl
+def modeld_register_probes(register):
+    register("slow", SlowProbe())
+'''
+
+
+def test_a_slow_probe_does_not_slow_its_neighbours_outage_detection(
+        workdir: Path, servers: FakeServers) -> None:
+    fake = servers.start(FakeOpenAI(["fast"]))
+    plugins = workdir / "plugins"
+    plugins.mkdir()
+    (plugins / "slow.py").write_text(SLOW_PLUGIN)
+    models = [
+        {"id": "fast", "provider": "openai", "endpoint": fake.url, "primary": True},
+        {"id": "slowpoke", "provider": "slow", "endpoint": fake.url, "timeout": "5s"},
+    ]
+    config = daemon_config(workdir, models, daemon={"plugin_dirs": [str(plugins)]})
+    with DaemonProcess(workdir, config) as daemon:
+        daemon.wait_health("fast", "healthy")
+        fake.set_mode("down")
+        started = time.monotonic()
+        # interval 1s + 3 x recheck 100ms (+ slack); three slow ticks would be ~7.5 s
+        daemon.wait_health("fast", "unavailable", timeout=4.0)
+        print(f"neighbour of a 2.5 s probe unavailable after {time.monotonic() - started:.2f}s")
+        # the slow one still reports: degraded, as 2,500 ms > degraded_latency_ms
+        daemon.wait_health("slowpoke", "degraded", timeout=6.0)
