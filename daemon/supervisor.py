@@ -385,13 +385,18 @@ class Daemon:
         """
         in_flight: set[str] = set()
         wake = anyio.Event()
+        waiting_until = math.inf
 
         async def probe(model_id: str, tick: float, jitter: float) -> None:
             try:
                 await self._probe(model_id, tick, jitter)
             finally:
                 in_flight.discard(model_id)
-                wake.set()  # its next due time may be sooner than what the loop waits for
+                # wake the loop only when this model is due sooner than it planned to wake:
+                # a sweep's models all finish due at the same time, and waking the loop for
+                # each of them would rescan the group once per model
+                if self._next_due.get(model_id, 0.0) < waiting_until:
+                    wake.set()
 
         async with anyio.create_task_group() as tg:
             while True:
@@ -404,9 +409,9 @@ class Daemon:
                     for model_id in due:
                         in_flight.add(model_id)
                         tg.start_soon(probe, model_id, tick, jitter)
-                upcoming = min((self._next_due.get(m, tick) for m in model_ids
-                                if m not in in_flight), default=math.inf)
-                with anyio.move_on_after(max(upcoming - time.monotonic(), 0.0)):
+                waiting_until = min((self._next_due.get(m, tick) for m in model_ids
+                                     if m not in in_flight), default=math.inf)
+                with anyio.move_on_after(max(waiting_until - time.monotonic(), 0.0)):
                     await wake.wait()
 
     def _groups(self) -> dict[str, list[str]]:
