@@ -300,6 +300,7 @@ class ModelRegistry:
               from_id: str | None = None, to_id: str | None = None, reason: str = "",
               actor: str = "daemon", **data: Any) -> Event:
         self.event_seq += 1
+        self.version += 1  # events are saved: one never saved could see its seq reused
         event = Event(seq=self.event_seq, at=now, kind=kind, role=role, model_id=model_id,
                       from_id=from_id or "", to_id=to_id or "", reason=reason, actor=actor,
                       data=MappingProxyType(data))
