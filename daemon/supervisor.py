@@ -462,10 +462,18 @@ class Daemon:
             self.notifier.watchdog()
             await anyio.sleep(interval)
 
-    async def _signals(self) -> None:
+    async def _signals(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Handle signals for the daemon's whole life, shutdown and final flush included: a
+        second SIGTERM must not skip the flush, one during start-up must not kill us."""
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
             async for signum in signals:
-                if signum == signal.SIGHUP:
+                if self._stop.is_set():
+                    self.log.info("signal_ignored", signal=signal.Signals(signum).name,
+                                  reason="already stopping")
+                elif signum == signal.SIGHUP:
                     # failures are logged by reload(); a signal has nobody to answer to
                     with contextlib.suppress(ConfigError, StateNotSaved):
                         await self.reload(actor="SIGHUP")
@@ -608,6 +616,7 @@ class Daemon:
             self.log.error("startup_failed", error=str(exc), exit_code=exc.code)
             return exc.code
         async with anyio.create_task_group() as root:
+            await root.start(self._signals)
             await root.start(self.server.serve, listener)
             if metrics_listener is not None:
                 await root.start(self.metrics_server.serve, metrics_listener)
@@ -620,7 +629,6 @@ class Daemon:
                 root.cancel_scope.cancel()
                 return EX_CANTCREAT
             async with anyio.create_task_group() as workers:
-                workers.start_soon(self._signals)
                 workers.start_soon(self._scheduler)
                 workers.start_soon(self._policy_timer)
                 workers.start_soon(self._flusher)

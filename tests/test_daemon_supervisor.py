@@ -553,3 +553,33 @@ def test_a_slow_probe_does_not_slow_its_neighbours_outage_detection(
         print(f"neighbour of a 2.5 s probe unavailable after {time.monotonic() - started:.2f}s")
         # the slow one still reports: degraded, as 2,500 ms > degraded_latency_ms
         daemon.wait_health("slowpoke", "degraded", timeout=6.0)
+
+
+def test_a_second_sigterm_during_shutdown_does_not_skip_the_final_flush(
+        workdir: Path, servers: FakeServers) -> None:
+    _primary, fallback, models = chat_pair(servers)
+    config = daemon_config(workdir, models, daemon={"state_flush_interval": "1h"})
+    daemon = DaemonProcess(workdir, config)
+    with daemon:
+        daemon.wait_health("backup", "healthy")
+        # an evaluate stuck on a hanging upstream (probe timeout 1s) holds the shutdown in
+        # its grace period: time for a second signal
+        fallback.set_mode("hang")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(daemon.socket_path)
+        sock.sendall(b"POST /api/v1/models/backup/evaluate HTTP/1.1\r\nHost: m\r\n"
+                     b"Content-Length: 0\r\n\r\n")
+        time.sleep(0.2)
+        daemon.signal(signal.SIGTERM)
+        time.sleep(0.2)
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit(20) == 0
+        answer = sock.recv(65536)
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 200")  # the in-flight request was finished
+    assert daemon.log_events("signal_ignored")
+    assert daemon.log_events("daemon_stopped")
+    # probe-driven state only reaches the file in the final flush (flush interval 1h): the
+    # evaluate's timed-out probe is there
+    backup = daemon.state()["models"]["backup"]
+    assert backup["recent"][-1]["reason"].startswith("timed out")
