@@ -54,6 +54,9 @@ class DaemonServices(Protocol):
 
     def subscribe(self) -> AbstractAsyncContextManager[MemoryObjectReceiveStream[Event]]: ...
 
+    def stopping(self) -> bool:
+        """Whether shutdown has begun (it ends every event stream)."""
+
 
 Route = Callable[["ControlAPI", Request, dict[str, str]], Awaitable[Response | StreamingResponse]]
 
@@ -235,10 +238,18 @@ class ControlAPI:
                 replay = self.daemon.registry.events_since(since)
                 if replay:
                     yield b"".join(_ndjson(e) for e in replay)
+            delivered = last
             async for event in receive:
                 if event.seq <= last:
                     continue  # emitted before the snapshot above: replayed or not wanted
+                delivered = event.seq
                 yield _ndjson(event)
+            if not self.daemon.stopping():
+                # the daemon cut this follower off for falling behind: say so, so the client
+                # can reconnect with since= instead of silently missing events
+                yield json.dumps({"kind": "stream_dropped", "last_seq": delivered,
+                                  "reason": "the client fell too far behind; reconnect "
+                                  f"with since={delivered}"}).encode() + b"\n"
 
     # ------------------------------------------------------------------ changes
 

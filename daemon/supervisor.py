@@ -481,6 +481,10 @@ class Daemon:
                     self.log.info("stop_requested", signal=signal.Signals(signum).name)
                     self._stop.set()
 
+    def stopping(self) -> bool:
+        """Whether shutdown has begun."""
+        return self._stop.is_set()
+
     def request_stop(self) -> None:
         """Begin a clean shutdown (as SIGTERM does)."""
         self._stop.set()
