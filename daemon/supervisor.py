@@ -52,6 +52,7 @@ EX_TEMPFAIL = 75  # another instance holds the state lock or the socket
 EX_CONFIG = 78
 
 EVENT_BUFFER = 1024  # events a follower may lag behind before it is dropped
+STATUS_INTERVAL = 1.0  # seconds between STATUS= updates at most
 GROUP_SLACK = 0.05  # seconds: models of one endpoint due this close together share a tick
 
 #: [daemon] keys that only take effect on restart.
@@ -124,6 +125,7 @@ class Daemon:
         self._stop = anyio.Event()
         self.last_write = WriteRecord()
         self._persisted_decisions = 0
+        self._status_dirty = False
         self._admin_gid_for: str | None = None
         self._admin_gid_cached: int | None = None
         self.probes_total = 0
@@ -343,7 +345,9 @@ class Daemon:
             if self.pm is not None:
                 notify_observers(self.pm, "modeld_health_changed", self.log, spec=spec,
                                  old=applied.old, new=applied.new, result=result)
-            self.notifier.status(self._status_line())
+            # counted and sent by _status_updater: counting every model on every transition
+            # made a start with 10,000 models quadratic
+            self._status_dirty = True
 
     async def _probe(self, model_id: str, tick: float, jitter: float) -> None:
         entry = self.registry.models.get(model_id)
@@ -455,6 +459,14 @@ class Daemon:
             await anyio.sleep(self.config.daemon.state_flush_interval)
             if self.registry.version != self._saved_version:
                 await self._persist_quietly()
+
+    async def _status_updater(self) -> None:
+        """Send systemd's STATUS= line when health changed, at most once a second."""
+        while True:
+            await anyio.sleep(STATUS_INTERVAL)
+            if self._status_dirty:
+                self._status_dirty = False
+                self.notifier.status(self._status_line())
 
     async def _watchdog(self, interval: float) -> None:
         # sent from the event loop itself, so a loop that is stuck stops the pings
@@ -636,6 +648,7 @@ class Daemon:
                 workers.start_soon(self._scheduler)
                 workers.start_soon(self._policy_timer)
                 workers.start_soon(self._flusher)
+                workers.start_soon(self._status_updater)
                 watchdog = watchdog_interval(self.environ)
                 if watchdog:
                     workers.start_soon(self._watchdog, watchdog)
