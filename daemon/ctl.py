@@ -484,11 +484,21 @@ def cmd_events(args: argparse.Namespace, client: Client, out: TextIO) -> int:
     if args.since is not None:
         query.append(("since", str(args.since)))
     path = f"{API}/events" + (f"?{urlencode(query)}" if query else "")
+    last = ""
     for line in client.stream_lines(path):
         text = line.decode("utf-8", "replace").rstrip("\r\n")
         if text:
             out.write(text + "\n")
             out.flush()
+            last = text
+    if '"stream_dropped"' in last:
+        try:
+            resume = json.loads(last).get("last_seq")
+        except ValueError:
+            resume = None
+        print(f"modelctl: the daemon cut this stream off (it fell behind); resume with "
+              f"modelctl events --follow --since {resume}", file=sys.stderr)
+        return EXIT_REFUSED
     return EXIT_OK
 
 

@@ -115,6 +115,7 @@ class Stub:
     requests: list[Request] = field(default_factory=list)
     errors: dict[tuple[str, str], HTTPError] = field(default_factory=dict)
     follow_forever: bool = False
+    drop_followers: bool = False
 
     async def __call__(self, request: Request) -> Response | StreamingResponse:
         self.requests.append(request)
@@ -133,6 +134,8 @@ class Stub:
         for event in EVENTS:
             if event["seq"] >= since:
                 yield json.dumps(event).encode() + b"\n"
+        if request.query_one("follow") == "1" and self.drop_followers:
+            yield b'{"kind":"stream_dropped","last_seq":2,"reason":"fell behind"}\n'
         if request.query_one("follow") == "1" and self.follow_forever:
             await anyio.sleep_forever()
 
@@ -158,6 +161,7 @@ def stub(stub_daemon: Stub) -> Iterator[Stub]:
     stub_daemon.requests.clear()
     stub_daemon.errors.clear()
     stub_daemon.follow_forever = False
+    stub_daemon.drop_followers = False
     yield stub_daemon
 
 
@@ -585,3 +589,13 @@ def test_modelctl_starts_fast() -> None:
     elapsed = time.monotonic() - start
     assert proc.returncode == 0
     assert elapsed < 1.0, f"modelctl --help took {elapsed:.2f}s"
+
+
+def test_events_follow_cut_off_by_the_daemon_exits_1_naming_where_to_resume(
+    stub: Stub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stub.drop_followers = True
+    code, out, err = run(stub, capsys, "events", "--follow")
+    assert code == 1
+    assert json.loads(out.splitlines()[-1])["kind"] == "stream_dropped"
+    assert "--since 2" in err
