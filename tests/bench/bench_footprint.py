@@ -8,11 +8,12 @@ in the same run: an idle interpreter that has imported what the daemon imports, 
 ``python -c`` interpreter.
 
 State write: in this process, a registry of N models with a full latency window each (what a
-long-running daemon holds) is timed through what ``Daemon.persist`` does — ``to_state()`` and
-``StateStore.encode`` on the event loop, then ``StateStore.write_bytes`` (temp file, fsync,
-rename, fsync dir) in a thread — beside a plain write + fsync of the same bytes. The daemon's
-own ``last_state_write`` (bytes, seconds of ``write_bytes``) from ``GET /api/v1/status`` is
-shown too.
+long-running daemon holds) is timed through what ``Daemon.persist`` does — ``to_state()`` on
+the event loop, then ``StateStore.encode`` and ``StateStore.write_bytes`` (temp file, fsync,
+rename, fsync dir) in a worker thread — beside a plain write + fsync of the same bytes. The
+daemon's own ``last_state_write`` (bytes, and seconds of the whole write: snapshot, encoding
+and write) from ``GET /api/v1/status`` is shown too; it runs while the daemon probes, so it
+is noisier.
 """
 
 from __future__ import annotations
@@ -168,9 +169,10 @@ def main() -> int:
         "### State write", "",
         table(["models", "file KiB", "to_state ms", "encode ms", "write_bytes ms",
                "one write ms", "plain write+fsync ms", "daemon's last write ms"], write_rows), "",
-        "One write = to_state + encode (on the event loop) + write_bytes (thread: temp file, "
+        "One write = to_state (event loop) + encode and write_bytes (worker thread: temp file, "
         "fsync, rename, fsync dir); registry with a full 20-probe window per model. Daemon's "
-        "last write = `last_state_write.seconds` from /api/v1/status (write_bytes only).", "",
+        "last write = `last_state_write.seconds` from /api/v1/status (the whole write, while "
+        "probing).", "",
         table(["target", "result"], [[t, verdict(ok)] for t, ok in targets.items()]),
     ])
     print(md)
