@@ -12,6 +12,7 @@ import contextlib
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -45,6 +46,17 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 
 class DaemonError(Exception):
     """The daemon did not start, or stopped unexpectedly; the message holds its log tail."""
+
+
+@contextlib.contextmanager
+def short_tempdir(prefix: str = "md-") -> Iterator[Path]:
+    """A new directory under /tmp, removed afterwards. Under /tmp rather than $TMPDIR
+    because a Unix socket's path must stay under 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def request(socket_path: str, method: str, path: str, body: Any = None,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from daemon.harness import short_tempdir
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -37,8 +37,5 @@ def anyio_backend() -> str:
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     """A short directory under /tmp (Unix socket paths must stay under 108 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="md-", dir="/tmp"))
-    try:
+    with short_tempdir() as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)

@@ -10,11 +10,9 @@ from __future__ import annotations
 import os
 import queue
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -22,16 +20,15 @@ from pathlib import Path
 
 import pytest
 
+from daemon.harness import short_tempdir
+
 HANG_GUARD = 60.0  # the demo's own target is 40 s; this only stops a hung run
 
 
 @pytest.fixture
 def private_tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="md-tmp-", dir="/tmp"))
-    try:
+    with short_tempdir("md-tmp-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _env(private_tmp: Path) -> dict[str, str]:

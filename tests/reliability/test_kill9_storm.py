@@ -26,11 +26,8 @@ Seed: ``MODELD_STORM_SEED`` (printed at the end of each storm) replays the same 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -49,7 +46,7 @@ from reliability_support import (
 )
 
 from daemon.fakes import FakeOpenAI, FakeServers, write_gguf, write_safetensors
-from daemon.harness import DaemonProcess, daemon_config, request
+from daemon.harness import DaemonProcess, daemon_config, request, short_tempdir
 
 ROLES = ("chat", "code", "embed", "vision")
 ENDPOINTS = 4
@@ -317,7 +314,7 @@ def check_restart(daemon: DaemonProcess, known: Decisions, state_path: Path) -> 
 
 @pytest.fixture(scope="module")
 def storm_report() -> Iterator[StormReport]:
-    with storm_dir() as work:
+    with short_tempdir("md-storm-") as work:
         report = run_storm(work, KILLS)
         print("\n" + report.summary())
         yield report
@@ -325,20 +322,10 @@ def storm_report() -> Iterator[StormReport]:
 
 @pytest.fixture(scope="module")
 def long_storm_report() -> Iterator[StormReport]:
-    with storm_dir() as work:
+    with short_tempdir("md-storm-") as work:
         report = run_storm(work, LONG_KILLS)
         print("\n" + report.summary())
         yield report
-
-
-@contextlib.contextmanager
-def storm_dir() -> Iterator[Path]:
-    """A short /tmp directory for a module-scoped storm (the workdir fixture is per test)."""
-    path = Path(tempfile.mkdtemp(prefix="md-storm-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _assert_integrity(report: StormReport, kills: int) -> None:
