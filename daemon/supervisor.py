@@ -166,7 +166,7 @@ class Daemon:
                 f'nor a member of group "{group}"')
 
     def _admin_gid(self) -> int | None:
-        """The admin group's gid, looked up once per configuration (an NSS lookup may go to
+        """The admin group's gid, looked up once per start or reload (an NSS lookup may go to
         LDAP; it must not run on the event loop for every request)."""
         group = self.config.daemon.admin_group
         if self._admin_gid_for != group:
@@ -244,6 +244,7 @@ class Daemon:
                                              max_concurrent=self.config.probe.max_concurrent))
         diff = self.registry.apply_config(new, time.time(), actor=actor)
         self.config = new
+        self._admin_gid_for = None  # look the admin group up again: it may have been created
         if self.prober is not None:
             self.prober.config = new.probe
         for model_id in diff.removed:
