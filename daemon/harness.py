@@ -137,6 +137,7 @@ class DaemonProcess:
         self.notifications: list[str] = []
         self._notify: socket.socket | None = None
         self._notify_path = ""
+        self._notify_own_dir = False
 
     # ------------------------------------------------------------------ config
 
@@ -186,9 +187,18 @@ class DaemonProcess:
     def _open_notify_socket(self) -> None:
         if self._notify is not None:
             return
-        # a short path: AF_UNIX paths are limited to 108 bytes
-        directory = tempfile.mkdtemp(prefix="modeld-notify-")
-        self._notify_path = os.path.join(directory, "n.sock")
+        # in the work directory, so cleaning it up cleans this up too; elsewhere only when
+        # that path is too long for AF_UNIX (108 bytes)
+        inside = self.workdir / f"notify-{os.getpid()}-{id(self)}.sock"
+        if len(str(inside)) < 100:
+            with contextlib.suppress(FileNotFoundError):
+                inside.unlink()
+            self._notify_path = str(inside)
+            self._notify_own_dir = False
+        else:
+            directory = tempfile.mkdtemp(prefix="modeld-notify-")
+            self._notify_path = os.path.join(directory, "n.sock")
+            self._notify_own_dir = True
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(self._notify_path)
         sock.setblocking(False)
@@ -289,7 +299,8 @@ class DaemonProcess:
                 self._notify = None
                 with contextlib.suppress(OSError):
                     os.unlink(self._notify_path)
-                    os.rmdir(os.path.dirname(self._notify_path))
+                    if self._notify_own_dir:
+                        os.rmdir(os.path.dirname(self._notify_path))
 
     def __enter__(self) -> DaemonProcess:
         if self.proc is None:
