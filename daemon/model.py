@@ -6,8 +6,9 @@ the probe tasks, the registry and the control socket without defensive copies.
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
@@ -22,6 +23,33 @@ RESERVED_MODEL_IDS = frozenset({"promote", "rollback", "auto-upgrade", "offline-
 HTTP_PROVIDERS = frozenset({"openai", "ollama"})
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def finite_ms(value: Any) -> float | None:
+    """A latency as the daemon keeps it: a finite, non-negative number of ms, else None."""
+    if (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value) and value >= 0):
+        return float(value)
+    return None
+
+
+def _same(text: str) -> str:
+    return text
+
+
+def json_safe(value: Any, text: Callable[[str], str] = _same) -> Any:
+    """``value`` as JSON can hold it, whatever a plugin put in it: scalars kept (NaN and the
+    infinities as strings), lists and tuples item by item, anything else as its string.
+    ``text`` is applied to every string (the prober masks API keys with it)."""
+    if isinstance(value, str):
+        return text(value)
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, list | tuple):
+        return [json_safe(item, text) for item in value]
+    return text(str(value))
 
 
 class HealthStatus(StrEnum):

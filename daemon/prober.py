@@ -22,7 +22,6 @@ import dataclasses
 import errno
 import hashlib
 import json as jsonlib
-import math
 import os
 import time
 from collections.abc import Callable, Hashable, Mapping
@@ -37,7 +36,7 @@ import structlog
 
 from . import __version__
 from .config import ProbeConfig
-from .model import ModelSpec, ProbeResult, ProbeStatus
+from .model import ModelSpec, ProbeResult, ProbeStatus, finite_ms, json_safe
 
 USER_AGENT = f"modeld/{__version__}"
 
@@ -570,18 +569,6 @@ def _mask(text: str, secrets: tuple[str, ...]) -> str:
     return text
 
 
-def _fact(value: Any, secrets: tuple[str, ...]) -> Any:
-    if isinstance(value, str):
-        return _mask(value, secrets)
-    if isinstance(value, bool) or value is None or isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, list | tuple):
-        return [_fact(v, secrets) for v in value]
-    return _mask(str(value), secrets)
-
-
 def _normalised(result: ProbeResult, secrets: tuple[str, ...]) -> ProbeResult:
     """``result`` as the rest of the daemon can rely on it, whatever a plugin built: a real
     status, a finite non-negative latency (or None), a one-line string reason and JSON-safe
@@ -594,14 +581,14 @@ def _normalised(result: ProbeResult, secrets: tuple[str, ...]) -> ProbeResult:
             return ProbeResult.failure(
                 f"probe returned a ProbeResult with an invalid status {one_line(repr(status))}"
             )
-    latency = result.latency_ms
-    if not (isinstance(latency, int | float) and not isinstance(latency, bool)
-            and math.isfinite(latency) and latency >= 0):
-        latency = None
     raw_facts = result.facts if isinstance(result.facts, Mapping) else {}
+
+    def masked(text: str) -> str:
+        return _mask(text, secrets)
+
     return ProbeResult(
         status,
-        None if latency is None else float(latency),
-        _mask(one_line(str(result.reason)), secrets),
-        MappingProxyType({str(k): _fact(v, secrets) for k, v in raw_facts.items()}),
+        finite_ms(result.latency_ms),
+        masked(one_line(str(result.reason))),
+        MappingProxyType({str(k): json_safe(v, masked) for k, v in raw_facts.items()}),
     )

@@ -13,7 +13,6 @@ probe's I/O lives in the prober).
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,16 @@ from typing import Any
 from . import policy
 from .config import Config
 from .health import HealthState, Sample, apply_probe
-from .model import Event, EventKind, HealthStatus, ModelSpec, ProbeResult, ProbeStatus
+from .model import (
+    Event,
+    EventKind,
+    HealthStatus,
+    ModelSpec,
+    ProbeResult,
+    ProbeStatus,
+    finite_ms,
+    json_safe,
+)
 from .policy import Candidate, Suggestion
 from .scoring import ZERO, ScoreParts, score
 
@@ -854,14 +862,10 @@ def _sane(result: ProbeResult) -> ProbeResult:
     """The result as the registry can keep it: a latency that is a finite, non-negative
     number of ms (else None) and a reason that is a string. A plugin's NaN latency or odd
     reason must not reach the score or the state file."""
-    latency = result.latency_ms
-    latency_ok = latency is None or (isinstance(latency, int | float)
-                                     and not isinstance(latency, bool)
-                                     and math.isfinite(latency) and latency >= 0)
-    if latency_ok and isinstance(result.reason, str):
+    latency = finite_ms(result.latency_ms)
+    if latency == result.latency_ms and isinstance(result.reason, str):
         return result
-    return ProbeResult(result.status, latency if latency_ok else None, str(result.reason),
-                       result.facts)
+    return ProbeResult(result.status, latency, str(result.reason), result.facts)
 
 
 def _opt_float(value: Any) -> float | None:
@@ -879,16 +883,4 @@ def _ms(value: float | None) -> float | None:
 
 
 def _jsonable(facts: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in facts.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            out[str(key)] = str(value)  # JSON has no NaN or infinity
-        elif value is None or isinstance(value, bool | int | float | str):
-            out[str(key)] = value
-        elif isinstance(value, list | tuple):
-            out[str(key)] = [v if isinstance(v, bool | int | float | str) else str(v)
-                             for v in value]
-        else:
-            out[str(key)] = str(value)
-    return out
-
+    return {str(key): json_safe(value) for key, value in facts.items()}

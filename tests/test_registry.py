@@ -1037,3 +1037,12 @@ def test_a_saved_time_of_the_wrong_type_makes_the_state_invalid(field: str) -> N
     state["roles"]["chat"][field] = "2024-01-01T00:00:00Z"
     with pytest.raises(StateShapeError):
         ModelRegistry.from_state(registry.config, state, T0 + 1)
+
+
+def test_a_nan_inside_a_list_fact_never_reaches_the_state_encoder() -> None:
+    import json
+
+    registry = make(remote("a", primary=True))
+    registry.apply_probe("a", ProbeResult.healthy(1.0, samples=[1.0, float("nan")]), T0)
+    text = json.dumps(registry.to_state(), allow_nan=False)  # raises on NaN
+    assert '"samples":[1.0,"nan"]' in text.replace(" ", "")
