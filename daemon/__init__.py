@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .hookspecs import hookimpl
-    from .model import HealthStatus, ModelSpec, ProbeResult, ProbeStatus
-    from .prober import ProbeContext, UpstreamError
+    from .core.model import HealthStatus, ModelSpec, ProbeResult, ProbeStatus
+    from .probing.hookspecs import hookimpl
+    from .probing.prober import ProbeContext, UpstreamError
 
 __version__ = "0.1.0"
 
@@ -28,13 +28,13 @@ __all__ = [
 ]
 
 _LAZY = {
-    "hookimpl": "hookspecs",
-    "HealthStatus": "model",
-    "ModelSpec": "model",
-    "ProbeResult": "model",
-    "ProbeStatus": "model",
-    "ProbeContext": "prober",
-    "UpstreamError": "prober",
+    "hookimpl": "probing.hookspecs",
+    "HealthStatus": "core.model",
+    "ModelSpec": "core.model",
+    "ProbeResult": "core.model",
+    "ProbeStatus": "core.model",
+    "ProbeContext": "probing.prober",
+    "UpstreamError": "probing.prober",
 }
 
 

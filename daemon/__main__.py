@@ -1,5 +1,5 @@
 """``python -m daemon`` runs ``modeld``."""
 
-from .cli import main
+from .service.cli import main
 
 raise SystemExit(main())

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .model import HTTP_PROVIDERS, MODEL_ID_RE, RESERVED_MODEL_IDS, ModelSpec
+from .core.model import HTTP_PROVIDERS, MODEL_ID_RE, RESERVED_MODEL_IDS, ModelSpec
 
 DEFAULT_CONFIG_PATH = "/etc/modeld/modeld.toml"
 EX_CONFIG = 78

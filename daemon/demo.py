@@ -1,10 +1,10 @@
 """``modeld demo``: the real daemon on fake upstreams, playing a short narrated scenario.
 
 What a newcomer runs first. Nothing but the installed package is needed and nothing is left
-behind: the fakes (:mod:`daemon.fakes`) serve on 127.0.0.1, the config, state, socket, log and
-model file live in one temporary directory under ``/tmp``, the daemon is the real
-``modeld run`` in a subprocess (:mod:`daemon.harness`), and what is shown is the real
-``modelctl`` output (:func:`daemon.ctl.main`, run in-process against the real socket).
+behind: the fakes (:mod:`daemon.testing.fakes`) serve on 127.0.0.1, the config, state,
+socket, log and model file live in one temporary directory under ``/tmp``, the daemon is the real
+``modeld run`` in a subprocess (:mod:`daemon.testing.harness`), and what is shown is the real
+``modelctl`` output (:func:`daemon.control.ctl.main`, run in-process against the real socket).
 
 The scenario: models probed and scored; the primary's server dies and ``resolve`` fails over;
 the server comes back; a better model is deployed, suggested with its reason in numbers, and
@@ -30,9 +30,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
-from . import ctl
-from .fakes import FakeOllama, FakeOpenAI, FakeServers, write_gguf
-from .harness import DaemonError, DaemonProcess, daemon_config
+from .control import ctl
+from .testing.fakes import FakeOllama, FakeOpenAI, FakeServers, write_gguf
+from .testing.harness import DaemonError, DaemonProcess, daemon_config
 
 __all__ = ["main"]
 

@@ -35,9 +35,9 @@ from typing import Any, BinaryIO
 
 import anyio
 
-from daemon.hookspecs import hookimpl
-from daemon.model import ModelSpec, ProbeResult
-from daemon.prober import ProbeContext
+from daemon.core.model import ModelSpec, ProbeResult
+from daemon.probing.hookspecs import hookimpl
+from daemon.probing.prober import ProbeContext
 
 NAME = "local_file"
 

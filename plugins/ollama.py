@@ -19,9 +19,9 @@ from typing import Any
 
 import anyio
 
-from daemon.hookspecs import hookimpl
-from daemon.model import ModelSpec, ProbeResult
-from daemon.prober import (
+from daemon.core.model import ModelSpec, ProbeResult
+from daemon.probing.hookspecs import hookimpl
+from daemon.probing.prober import (
     ProbeContext,
     Reply,
     UpstreamError,

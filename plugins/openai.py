@@ -25,9 +25,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from daemon.hookspecs import hookimpl
-from daemon.model import ModelSpec, ProbeResult
-from daemon.prober import (
+from daemon.core.model import ModelSpec, ProbeResult
+from daemon.probing.hookspecs import hookimpl
+from daemon.probing.prober import (
     ProbeContext,
     Reply,
     fetch_json,

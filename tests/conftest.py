@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.harness import short_tempdir
+from daemon.testing.harness import short_tempdir
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -7,9 +7,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from daemon.config import ProbeConfig
-from daemon.model import ModelSpec
-from daemon.plugins import collect_probes, get_plugin_manager
-from daemon.prober import Probe, Prober, make_http_client
+from daemon.core.model import ModelSpec
+from daemon.probing.plugins import collect_probes, get_plugin_manager
+from daemon.probing.prober import Probe, Prober, make_http_client
 
 #: Short enough that hang and drip tests stay quick, long enough for a loaded CI box.
 TIMEOUT = 0.6

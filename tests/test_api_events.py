@@ -11,10 +11,10 @@ import anyio
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from daemon.api import ControlAPI
 from daemon.config import parse_config
-from daemon.model import Event
-from daemon.registry import ModelRegistry
+from daemon.control.api import ControlAPI
+from daemon.core.model import Event
+from daemon.core.registry import ModelRegistry
 
 
 class StubDaemon:

@@ -1,4 +1,4 @@
-"""daemon.client against a stub daemon on a real Unix socket."""
+"""daemon.control.client against a stub daemon on a real Unix socket."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 import anyio
 import pytest
 
-from daemon.client import ModeldClient, ModeldError, ModeldUnreachable
-from daemon.http import (
+from daemon.control.client import ModeldClient, ModeldError, ModeldUnreachable
+from daemon.control.server import (
     HTTPError,
     HTTPServer,
     Request,

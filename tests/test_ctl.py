@@ -18,8 +18,8 @@ import anyio
 import anyio.from_thread
 import pytest
 
-from daemon import ctl
-from daemon.http import (
+from daemon.control import ctl
+from daemon.control.server import (
     HTTPError,
     HTTPServer,
     Limits,
@@ -173,7 +173,7 @@ def run(stub: Stub, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int
 
 def run_process(*argv: str, env: dict[str, str] | None = None, **kw: Any) -> Any:
     return subprocess.run(
-        [sys.executable, "-m", "daemon.ctl", *argv],
+        [sys.executable, "-m", "daemon.control.ctl", *argv],
         capture_output=True,
         text=True,
         timeout=20,
@@ -437,7 +437,7 @@ def test_events_follow_ends_quietly_when_the_daemon_closes_the_stream(
 def test_events_follow_prints_as_they_come_and_ctrl_c_exits_0(stub: Stub) -> None:
     stub.follow_forever = True
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon.ctl", "--socket", stub.path, "events", "--follow"],
+        [sys.executable, "-m", "daemon.control.ctl", "--socket", stub.path, "events", "--follow"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -567,7 +567,7 @@ HEAVY = ("anyio", "httpx", "httpcore", "structlog", "prometheus_client", "pydant
 def test_modelctl_imports_nothing_heavy(stub: Stub) -> None:
     script = (
         "import sys, json\n"
-        "from daemon import ctl\n"
+        "from daemon.control import ctl\n"
         "codes = [ctl.main(['--help']), ctl.main(['--socket', sys.argv[1], 'list'])]\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in sys.argv[2].split(','))\n"
         "print(json.dumps({'codes': codes, 'heavy': heavy}))\n"

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from daemon.fakes import FakeOllama, FakeOpenAI, FakeServers, write_gguf
-from daemon.harness import DaemonProcess, UnixHTTPConnection, daemon_config, wait_for
+from daemon.testing.fakes import FakeOllama, FakeOpenAI, FakeServers, write_gguf
+from daemon.testing.harness import DaemonProcess, UnixHTTPConnection, daemon_config, wait_for
 
 CURL = shutil.which("curl")
 SETPRIV = shutil.which("setpriv")
@@ -64,7 +64,7 @@ def env() -> Iterator[dict[str, Any]]:
 
 
 def modelctl(daemon: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "daemon.ctl", "--socket", daemon.socket_path, *args]
+    cmd = [sys.executable, "-m", "daemon.control.ctl", "--socket", daemon.socket_path, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
 
 
@@ -519,8 +519,8 @@ def test_metrics_port_serves_only_get_metrics(workdir: Path) -> None:
 
 def test_modelctl_names_the_socket_when_the_daemon_is_not_running(workdir: Path) -> None:
     path = workdir / "absent.sock"
-    run = subprocess.run([sys.executable, "-m", "daemon.ctl", "--socket", str(path), "status"],
-                         capture_output=True, text=True, timeout=30)
+    run = subprocess.run([sys.executable, "-m", "daemon.control.ctl", "--socket", str(path),
+                          "status"], capture_output=True, text=True, timeout=30)
     assert run.returncode == 3
     assert str(path) in run.stderr and "running" in run.stderr
 
@@ -530,7 +530,7 @@ def test_modelctl_names_the_socket_when_the_daemon_is_not_running(workdir: Path)
 def test_python_client_against_the_real_daemon(env: dict[str, Any]) -> None:
     import anyio
 
-    from daemon.client import ModeldClient, ModeldError
+    from daemon.control.client import ModeldClient, ModeldError
 
     daemon = env["daemon"]
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from daemon.fakes import FakeOllama, FakeOpenAI, FakeServers, write_gguf
-from daemon.harness import DaemonProcess, daemon_config, wait_for
-from daemon.state import check_state_shape
+from daemon.persist.store import check_state_shape
+from daemon.testing.fakes import FakeOllama, FakeOpenAI, FakeServers, write_gguf
+from daemon.testing.harness import DaemonProcess, daemon_config, wait_for
 
 # Timings of daemon_config: interval 1s, timeout 1s, recheck 100ms, failure_threshold 3.
 SLACK = 3.0
@@ -338,7 +338,7 @@ def test_socket_activation_serves_on_the_passed_listener(
     try:
         daemon.wait_ready()
         assert not Path(daemon.socket_path).exists()  # it did not bind its own
-        from daemon.harness import request
+        from daemon.testing.harness import request
         status, body = request(str(activated), "GET", "/api/v1/status")
         assert status == 200 and body["socket"] == str(activated)
         assert daemon.log_events("socket_inherited")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.harness import short_tempdir
+from daemon.testing.harness import short_tempdir
 
 HANG_GUARD = 60.0  # the demo's own target is 40 s; this only stops a hung run
 
@@ -129,7 +129,7 @@ class DemoRun:
 
 def _modelctl() -> list[str]:
     script = Path(sys.executable).parent / "modelctl"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "daemon.ctl"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "daemon.control.ctl"]
 
 
 def test_demo_plays_every_step_and_leaves_nothing_behind(private_tmp: Path) -> None:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from fakes_fixtures import running_prober, spec
 
-from daemon.fakes import MODES, FakeOllama, FakeOpenAI, FakeServers
+from daemon.testing.fakes import MODES, FakeOllama, FakeOpenAI, FakeServers
 
 
 @pytest.fixture

@@ -1,12 +1,12 @@
-"""The per-model health state machine (daemon.health), pinned case by case."""
+"""The per-model health state machine (daemon.core.health), pinned case by case."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 from daemon.config import HealthConfig
-from daemon.health import HealthState, Sample, apply_probe, needs_recheck
-from daemon.model import HealthStatus, ProbeResult
+from daemon.core.health import HealthState, Sample, apply_probe, needs_recheck
+from daemon.core.model import HealthStatus, ProbeResult
 
 CFG = HealthConfig(failure_threshold=3, success_threshold=2, degraded_latency_ms=2000.0, window=5)
 

@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.http import (
+from daemon.control.server import (
     HTTPError,
     HTTPServer,
     Limits,

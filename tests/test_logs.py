@@ -9,9 +9,9 @@ from pathlib import Path
 
 import structlog
 
-from daemon.fakes import FakeOpenAI, FakeServers
-from daemon.harness import DaemonProcess, daemon_config
-from daemon.logs import configure_logging, get_logger
+from daemon.service.logs import configure_logging, get_logger
+from daemon.testing.fakes import FakeOpenAI, FakeServers
+from daemon.testing.harness import DaemonProcess, daemon_config
 
 
 class _Tty(io.StringIO):

@@ -15,9 +15,8 @@ import structlog
 from fakes_fixtures import running_prober, spec
 
 from daemon import hookimpl
-from daemon.fakes import FakeOpenAI
-from daemon.model import HealthStatus, ProbeResult, ProbeStatus
-from daemon.plugins import (
+from daemon.core.model import HealthStatus, ProbeResult, ProbeStatus
+from daemon.probing.plugins import (
     BUILTIN_PLUGINS,
     PluginError,
     collect_probes,
@@ -25,6 +24,7 @@ from daemon.plugins import (
     notify_observers,
     plugins_report,
 )
+from daemon.testing.fakes import FakeOpenAI
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples" / "plugins"
@@ -101,7 +101,7 @@ def test_builtins_load_through_the_common_path_and_pass_check_pending() -> None:
 
 
 def test_importing_daemon_plugins_loads_nothing() -> None:
-    code = "import sys, daemon.plugins; print('plugins.openai' in sys.modules)"
+    code = "import sys, daemon.probing.plugins; print('plugins.openai' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=REPO, check=True)
     assert out.stdout.strip() == "False"

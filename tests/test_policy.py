@@ -1,4 +1,5 @@
-"""The auto-upgrade policy (daemon.policy): candidates, margin, urgency, cooldown, probation."""
+"""The auto-upgrade policy (daemon.core.policy): candidates, margin, urgency, cooldown,
+probation."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import itertools
 import pytest
 
 from daemon.config import PolicyConfig
-from daemon.model import HealthStatus
-from daemon.policy import Candidate, cooldown_remaining, in_probation, suggest
+from daemon.core.model import HealthStatus
+from daemon.core.policy import Candidate, cooldown_remaining, in_probation, suggest
 
 CFG = PolicyConfig(min_margin=0.05, min_consecutive_healthy=5, cooldown=1800.0,
                    probation=600.0, quarantine=3600.0)

@@ -15,8 +15,8 @@ import pytest
 from fakes_fixtures import running_prober, spec
 
 import plugins.local_file as local_file
-from daemon.fakes import write_gguf, write_safetensors
-from daemon.model import ModelSpec, ProbeResult, ProbeStatus
+from daemon.core.model import ModelSpec, ProbeResult, ProbeStatus
+from daemon.testing.fakes import write_gguf, write_safetensors
 
 
 @pytest.fixture

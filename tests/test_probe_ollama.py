@@ -8,8 +8,8 @@ import anyio
 import pytest
 from fakes_fixtures import TIMEOUT, running_prober, spec
 
-from daemon.fakes import FakeOllama, FakeResponse
-from daemon.model import ModelSpec, ProbeResult, ProbeStatus
+from daemon.core.model import ModelSpec, ProbeResult, ProbeStatus
+from daemon.testing.fakes import FakeOllama, FakeResponse
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import pytest
 import structlog
 from fakes_fixtures import TIMEOUT, running_prober, spec
 
-from daemon.fakes import FLAVORS, FakeOpenAI
-from daemon.model import ProbeStatus
+from daemon.core.model import ProbeStatus
+from daemon.testing.fakes import FLAVORS, FakeOpenAI
 
 
 @pytest.fixture

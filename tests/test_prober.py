@@ -16,9 +16,8 @@ from fakes_fixtures import running_prober, spec
 
 from daemon import __version__
 from daemon.config import ProbeConfig
-from daemon.fakes import FakeOpenAI
-from daemon.model import ModelSpec, ProbeResult, ProbeStatus
-from daemon.prober import (
+from daemon.core.model import ModelSpec, ProbeResult, ProbeStatus
+from daemon.probing.prober import (
     Probe,
     ProbeContext,
     Prober,
@@ -27,6 +26,7 @@ from daemon.prober import (
     UpstreamError,
     make_http_client,
 )
+from daemon.testing.fakes import FakeOpenAI
 
 
 @pytest.fixture

@@ -10,15 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.config import HealthConfig, ScoreConfig, parse_config
-from daemon.health import HealthState, apply_probe
-from daemon.model import HealthStatus, ModelSpec, ProbeResult
-from daemon.registry import (
+from daemon.core.health import HealthState, apply_probe
+from daemon.core.model import HealthStatus, ModelSpec, ProbeResult
+from daemon.core.registry import (
     ModelRegistry,
     ModelUnavailable,
     NothingToRollBack,
     NoUsableModel,
 )
-from daemon.scoring import score
+from daemon.core.scoring import score
 
 T0 = 1_700_000_000.0
 HEALTH = HealthConfig(failure_threshold=3, success_threshold=2, degraded_latency_ms=2000.0,

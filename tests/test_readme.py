@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from daemon import api
 from daemon.config import Config
+from daemon.control import api
+from daemon.core.registry import ModelRegistry
 from daemon.docs import render_readme
-from daemon.metrics import Metrics
-from daemon.registry import ModelRegistry
+from daemon.service.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

@@ -1,4 +1,4 @@
-"""The registry (daemon.registry): resolve, promote, rollback, offline, auto-upgrade,
+"""The registry (daemon.core.registry): resolve, promote, rollback, offline, auto-upgrade,
 probation, events, configuration reloads and persistence, pinned case by case."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from daemon.config import Config, parse_config
-from daemon.model import EventKind, HealthStatus, ProbeResult, ProbeStatus
-from daemon.registry import (
+from daemon.core.model import EventKind, HealthStatus, ProbeResult, ProbeStatus
+from daemon.core.registry import (
     ModelRegistry,
     ModelUnavailable,
     NothingToRollBack,

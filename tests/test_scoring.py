@@ -1,13 +1,13 @@
-"""The score (daemon.scoring): zero when not usable, the formula part by part, explainable."""
+"""The score (daemon.core.scoring): zero when not usable, the formula part by part, explainable."""
 
 from __future__ import annotations
 
 import pytest
 
 from daemon.config import HealthConfig, ScoreConfig
-from daemon.health import HealthState, Sample, apply_probe
-from daemon.model import HealthStatus, ModelSpec, ProbeResult
-from daemon.scoring import ZERO, score
+from daemon.core.health import HealthState, Sample, apply_probe
+from daemon.core.model import HealthStatus, ModelSpec, ProbeResult
+from daemon.core.scoring import ZERO, score
 
 SPEC = ModelSpec(id="m", provider="openai", cost_estimate=3.0, quality=0.6,
                  latency_estimate=1500.0)

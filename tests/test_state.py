@@ -1,4 +1,5 @@
-"""The state store (daemon.state): atomic durable writes, corrupt and newer files, the lock."""
+"""The state store (daemon.persist.store): atomic durable writes, corrupt and newer files,
+the lock."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-import daemon.state as state_mod
+import daemon.persist.store as state_mod
 from daemon.config import parse_config
-from daemon.model import ProbeResult
-from daemon.registry import ModelRegistry
-from daemon.state import (
+from daemon.core.model import ProbeResult
+from daemon.core.registry import ModelRegistry
+from daemon.persist.store import (
     SCHEMA_VERSION,
     StateError,
     StateLocked,
@@ -280,7 +281,7 @@ def test_older_schema_without_a_migration_is_kept_aside(store):
 
 HOLDER = textwrap.dedent("""
     import sys
-    from daemon.state import StateStore
+    from daemon.persist.store import StateStore
     store = StateStore(sys.argv[1])
     store.lock()
     print("locked", flush=True)

@@ -1,4 +1,5 @@
-"""daemon.systemd against real sockets: sd_notify datagrams, watchdog env, socket activation."""
+"""daemon.service.systemd against real sockets: sd_notify datagrams, watchdog env, socket
+activation."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.model import HealthStatus
-from daemon.systemd import (
+from daemon.core.model import HealthStatus
+from daemon.service.systemd import (
     Notifier,
     listen_fds,
     listen_fds_with_names,
@@ -231,7 +232,7 @@ _WRAPPER = textwrap.dedent(
 _CHILD = textwrap.dedent(
     """
     import fcntl, json, os, socket
-    from daemon.systemd import listen_fds_with_names
+    from daemon.service.systemd import listen_fds_with_names
     passed = listen_fds_with_names()
     report = {
         "passed": passed,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from daemon import ModelSpec, ProbeResult, hookimpl
-from daemon.prober import ProbeContext, UpstreamError, http_failure_reason
+from daemon.probing.prober import ProbeContext, UpstreamError, http_failure_reason
 
 
 class HttpHealthProbe:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from common import median, percentile, table, verdict, workdir, write_result
 
-from daemon.fakes import FakeOpenAI, FakeServers
-from daemon.harness import DaemonProcess, daemon_config
+from daemon.testing.fakes import FakeOpenAI, FakeServers
+from daemon.testing.harness import DaemonProcess, daemon_config
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> float:
@@ -33,7 +33,7 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
 def import_times(env: dict[str, str]) -> list[tuple[int, str]]:
     """The 15 slowest imports (cumulative µs) of ``modelctl resolve``, from -X importtime."""
     out = subprocess.run([sys.executable, "-X", "importtime", "-c",
-                          "import sys; from daemon.ctl import main; "
+                          "import sys; from daemon.control.ctl import main; "
                           "sys.argv = ['modelctl', 'resolve', '--role', 'chat']; main()"],
                          capture_output=True, text=True, env=env)
     rows = []

@@ -30,8 +30,8 @@ from common import (
     write_result,
 )
 
-from daemon.fakes import FakeOpenAI, FakeServers
-from daemon.harness import DaemonProcess, daemon_config
+from daemon.testing.fakes import FakeOpenAI, FakeServers
+from daemon.testing.harness import DaemonProcess, daemon_config
 
 LEVELS = (1, 16, 64)
 RESOLVE = "/api/v1/resolve?role=chat"

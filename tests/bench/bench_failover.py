@@ -1,7 +1,7 @@
 """Failover: time from a primary's upstream dying to ``resolve`` naming the fallback.
 
-The real daemon runs as a subprocess (``daemon.harness.DaemonProcess``) with two fake
-OpenAI-compatible upstreams from ``daemon.fakes.FakeServers``: ``a`` (primary of role
+The real daemon runs as a subprocess (``daemon.testing.harness.DaemonProcess``) with two fake
+OpenAI-compatible upstreams from ``daemon.testing.fakes.FakeServers``: ``a`` (primary of role
 ``chat``) and ``b``. Default health and probe settings (failure_threshold 3, recheck 500 ms,
 timeout 3 s) with ``interval`` 5 s, then 1 s. Each trial waits a random time in
 [0, interval) — so the death falls at a random phase of the probe schedule — then kills
@@ -27,8 +27,8 @@ from typing import Any
 
 from common import median, percentile, table, verdict, workdir, write_result
 
-from daemon.fakes import FakeOpenAI, FakeServers
-from daemon.harness import DaemonProcess, daemon_config, wait_for
+from daemon.testing.fakes import FakeOpenAI, FakeServers
+from daemon.testing.harness import DaemonProcess, daemon_config, wait_for
 
 POLL = 0.020
 FAILURE_THRESHOLD = 3

@@ -37,14 +37,14 @@ from common import (
 )
 
 from daemon.config import parse_config
-from daemon.harness import DaemonProcess, daemon_config, wait_for
-from daemon.model import ProbeResult
-from daemon.registry import ModelRegistry
-from daemon.state import StateStore
+from daemon.core.model import ProbeResult
+from daemon.core.registry import ModelRegistry
+from daemon.persist.store import StateStore
+from daemon.testing.harness import DaemonProcess, daemon_config, wait_for
 
 ENDPOINTS = 10
-IMPORTS = ("import time, daemon.supervisor, daemon.cli, plugins.openai, plugins.ollama, "
-           "plugins.local_file; print('ready', flush=True); time.sleep(3600)")
+IMPORTS = ("import time, daemon.service.supervisor, daemon.service.cli, plugins.openai, "
+           "plugins.ollama, plugins.local_file; print('ready', flush=True); time.sleep(3600)")
 
 
 def idle_rss(code: str) -> int:

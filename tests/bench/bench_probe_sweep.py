@@ -1,8 +1,8 @@
 """Probe sweep: how long a sweep of every model takes, how many requests, how much CPU.
 
 The daemon's own scheduler, prober, probe plugins and registry run in this process (a
-``daemon.supervisor.Daemon`` whose scheduler is started without the control socket); the fake
-upstreams run in a separate process (``fleet.py``). In-process, so that CPU time is the
+``daemon.service.supervisor.Daemon`` whose scheduler is started without the control socket);
+the fake upstreams run in a separate process (``fleet.py``). In-process, so that CPU time is the
 daemon's alone (``time.process_time`` of this process, which hosts nothing else while a sweep
 runs) and the baseline — a bare ``httpx`` GET loop — runs in the very same interpreter and
 run. The real daemon's /proc CPU time would also count its control socket, flusher and
@@ -34,9 +34,9 @@ import httpx
 from common import FakeFleet, median, table, verdict, workdir, write_result
 
 from daemon.config import parse_config
-from daemon.logs import configure_logging, get_logger
-from daemon.model import ModelSpec, ProbeResult
-from daemon.supervisor import Daemon
+from daemon.core.model import ModelSpec, ProbeResult
+from daemon.service.logs import configure_logging, get_logger
+from daemon.service.supervisor import Daemon
 
 LATENCY = 0.020
 MAX_CONCURRENT = 64

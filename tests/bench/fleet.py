@@ -3,7 +3,7 @@
 ``python fleet.py ENDPOINTS MODELS_PER_ENDPOINT LATENCY [FLAVOR]`` prints ``{"urls": [...]}``
 once every fake listens, then answers one JSON line per command: ``total`` (requests so far),
 ``counts`` (requests per endpoint), ``reset``, ``mode I MODE``, ``quit``. The fakes are the
-project's own (daemon.fakes); this file only hosts them out of the measured process.
+project's own (daemon.testing.fakes); this file only hosts them out of the measured process.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from daemon.fakes import FakeOpenAI, FakeServers
+from daemon.testing.fakes import FakeOpenAI, FakeServers
 
 
 def main(argv: list[str]) -> int:

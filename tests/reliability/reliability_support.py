@@ -17,8 +17,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from daemon.harness import DaemonProcess
-from daemon.state import SCHEMA_VERSION, check_state_shape
+from daemon.persist.store import SCHEMA_VERSION, check_state_shape
+from daemon.testing.harness import DaemonProcess
 
 #: The name pattern of the state store's temp files: ``.<name>.tmp-<pid>-<monotonic ns>``.
 TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-\d+$")
@@ -171,7 +171,7 @@ def fill_disk(directory: Path) -> Path:
 #: A ``sitecustomize`` for the daemon subprocess: while the file named by
 #: MODELD_TEST_FAULT_FILE exists and holds an errno name (ENOSPC, EIO, EROFS), writes and
 #: creations under the state directory fail with that errno. It replaces the ``os`` that
-#: ``daemon.state`` sees by a proxy, so the daemon's real error paths (temp file cleanup,
+#: ``daemon.persist.store`` sees by a proxy, so the daemon's real error paths (temp file cleanup,
 #: ``state_write_failed``, exit 73) run unmodified.
 SITECUSTOMIZE = '''
 import errno, os, sys, types
@@ -215,7 +215,7 @@ class _FaultyOs(types.ModuleType):
 
 
 def _install():
-    import daemon.state as state
+    import daemon.persist.store as state
     state.os = _FaultyOs("os")
     sys.stderr.write("modeld-test: state fault injection armed\\n")
 

@@ -6,8 +6,9 @@ Two ways to make the disk fail, and each test says which one ran:
   remounted read-only). Needs root and mount(2); when mounting is refused (an unprivileged CI
   container), the test falls back to the injected variant and prints that it did.
 - ``injected``: a ``sitecustomize`` in the daemon subprocess replaces the ``os`` module that
-  ``daemon.state`` sees by a proxy that fails ``os.write`` with ENOSPC (or ``os.open`` of files
-  in the state directory with EROFS) while a flag file exists. The daemon's own error paths run.
+  ``daemon.persist.store`` sees by a proxy that fails ``os.write`` with ENOSPC (or ``os.open``
+  of files in the state directory with EROFS) while a flag file exists. The daemon's own error
+  paths run.
 
 Both variants always run here, so the injected fallback is itself tested.
 """
@@ -32,9 +33,9 @@ from reliability_support import (
     wait_until,
 )
 
-from daemon.fakes import write_gguf
-from daemon.harness import DaemonProcess, daemon_config
-from daemon.state import SCHEMA_VERSION
+from daemon.persist.store import SCHEMA_VERSION
+from daemon.testing.fakes import write_gguf
+from daemon.testing.harness import DaemonProcess, daemon_config
 
 EX_CANTCREAT = 73
 

@@ -30,10 +30,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability_support import clean_env, read_valid_state
 
-from daemon.fakes import FakeOpenAI, FakeServers, write_gguf
-from daemon.harness import DaemonProcess, daemon_config
+from daemon.testing.fakes import FakeOpenAI, FakeServers, write_gguf
+from daemon.testing.harness import DaemonProcess, daemon_config
 
-READ_TIMEOUT_S = 10.0  # daemon.http.Limits.read_timeout (not configurable)
+READ_TIMEOUT_S = 10.0  # daemon.control.server.Limits.read_timeout (not configurable)
 CUT_OFF_SLACK_S = 4.0
 MODEL_IDS = ("a", "b", "file")
 #: statuses the control API documents; anything else (500 above all) is a daemon bug

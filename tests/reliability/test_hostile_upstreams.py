@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 from reliability_support import clean_env, cpu_seconds, metric_values, proc_status_kb
 
-from daemon.fakes import FakeOllama, FakeOpenAI, FakeServers, FakeUpstream, write_gguf
-from daemon.harness import DaemonProcess, daemon_config, wait_for
+from daemon.testing.fakes import FakeOllama, FakeOpenAI, FakeServers, FakeUpstream, write_gguf
+from daemon.testing.harness import DaemonProcess, daemon_config, wait_for
 
 TIMEOUT_S = 1.0
 GRACE_S = 0.1  # the prober's grace: min(0.25, timeout × 0.1)

@@ -45,8 +45,8 @@ from reliability_support import (
     temp_files,
 )
 
-from daemon.fakes import FakeOpenAI, FakeServers, write_gguf, write_safetensors
-from daemon.harness import DaemonProcess, daemon_config, request, short_tempdir
+from daemon.testing.fakes import FakeOpenAI, FakeServers, write_gguf, write_safetensors
+from daemon.testing.harness import DaemonProcess, daemon_config, request, short_tempdir
 
 ROLES = ("chat", "code", "embed", "vision")
 ENDPOINTS = 4

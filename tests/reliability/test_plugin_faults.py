@@ -34,8 +34,8 @@ from typing import Any
 import pytest
 from reliability_support import clean_env, metric_values, proc_status_kb, wait_health
 
-from daemon.fakes import FakeOpenAI, FakeServers, write_gguf
-from daemon.harness import DaemonProcess, daemon_config, wait_for
+from daemon.testing.fakes import FakeOpenAI, FakeServers, write_gguf
+from daemon.testing.harness import DaemonProcess, daemon_config, wait_for
 
 TIMEOUT_S = 0.5
 LEAK_MB_PER_CALL = 1

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .config import DEFAULT_CONFIG_PATH, EX_CONFIG, ConfigError, load_config
+from ..config import DEFAULT_CONFIG_PATH, EX_CONFIG, ConfigError, load_config
 
 
 def _default_config() -> str:
@@ -58,7 +58,7 @@ def cmd_check_config(path: str) -> int:
     config = _load_or_report(path)
     if config is None:
         return EX_CONFIG
-    from .plugins import PluginError, collect_probes, get_plugin_manager
+    from ..probing.plugins import PluginError, collect_probes, get_plugin_manager
     from .supervisor import unknown_providers
 
     try:
@@ -76,7 +76,7 @@ def cmd_check_config(path: str) -> int:
 
 
 def cmd_config(path: str) -> int:
-    from .config import render_config
+    from ..config import render_config
 
     config = _load_or_report(path)
     if config is None:
@@ -86,7 +86,7 @@ def cmd_config(path: str) -> int:
 
 
 def cmd_plugins(path: str) -> int:
-    from .plugins import get_plugin_manager, plugins_report
+    from ..probing.plugins import get_plugin_manager, plugins_report
 
     plugin_dirs: Sequence[str] = ()
     if os.path.exists(path):
@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("check-config", "config", "plugins"):
         _quiet_logging()
     if args.version:
-        from . import __version__
+        from .. import __version__
 
         print(f"modeld {__version__}")
         return 0
@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "plugins":
         return cmd_plugins(args.config or _default_config())
     if args.command == "demo":
-        from .demo import main as demo_main
+        from ..demo import main as demo_main
 
         return demo_main(keep_running=args.keep_running)
     _parser().print_help(sys.stderr)

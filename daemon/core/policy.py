@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .config import PolicyConfig
+from ..config import PolicyConfig
 from .model import HealthStatus
 
 

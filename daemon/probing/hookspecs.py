@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from .model import HealthStatus, ModelSpec, ProbeResult
+    from ..core.model import HealthStatus, ModelSpec, ProbeResult
 
 PROJECT = "modeld"
 

@@ -24,11 +24,10 @@ import anyio.abc
 import httpx
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from . import __version__
-from .api import ControlAPI, StateNotSaved
-from .config import Config, ConfigError, load_config
-from .health import needs_recheck
-from .http import (
+from .. import __version__
+from ..config import Config, ConfigError, load_config
+from ..control.api import ControlAPI, StateNotSaved
+from ..control.server import (
     HTTPServer,
     Limits,
     Peer,
@@ -37,13 +36,14 @@ from .http import (
     create_unix_listener,
     unix_listener_from_fd,
 )
+from ..core.health import needs_recheck
+from ..core.model import Event, EventKind, ModelSpec, ProbeResult
+from ..core.registry import ModelRegistry, StateShapeError
+from ..persist.store import StateError, StateLocked, StateStore, check_state_shape
+from ..probing.plugins import PluginError, collect_probes, get_plugin_manager, notify_observers
+from ..probing.prober import Prober, make_http_client
 from .logs import get_logger
 from .metrics import Metrics
-from .model import Event, EventKind, ModelSpec, ProbeResult
-from .plugins import PluginError, collect_probes, get_plugin_manager, notify_observers
-from .prober import Prober, make_http_client
-from .registry import ModelRegistry, StateShapeError
-from .state import StateError, StateLocked, StateStore, check_state_shape
 from .systemd import Notifier, listen_fds, status_line, watchdog_interval
 
 EX_OK = 0

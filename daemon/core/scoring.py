@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ScoreConfig
+from ..config import ScoreConfig
 from .health import HealthState
 from .model import HealthStatus, ModelSpec
 

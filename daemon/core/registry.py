@@ -2,7 +2,7 @@
 
 Pure and synchronous: no I/O, no awaits, no clock reads (``now`` is passed in). Each
 operation therefore runs atomically with respect to the event loop and needs no lock.
-Every change emits an :class:`~daemon.model.Event` to the registry's listeners and bumps
+Every change emits an :class:`~daemon.core.model.Event` to the registry's listeners and bumps
 ``version``; decisions (promote, rollback, offline, reload) also bump ``decision_version``
 so the daemon knows to make them durable before it answers.
 
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from ..config import Config
 from . import policy
-from .config import Config
 from .health import HealthState, Sample, apply_probe
 from .model import (
     Event,

@@ -10,7 +10,7 @@ or upstream from hurting the daemon lives here:
   server. Every exchange is streamed, capped at ``max_response_bytes`` and bounded by the probe's
   deadline as a whole (a server that sends headers and then drips the body still times out).
   Transport problems surface as :class:`UpstreamError`, whose ``reason`` is one readable line.
-- :class:`Prober` runs a probe and always returns a :class:`~daemon.model.ProbeResult`: an
+- :class:`Prober` runs a probe and always returns a :class:`~daemon.core.model.ProbeResult`: an
   unknown provider, a probe that raises, hangs or returns the wrong type all become failures
   with a reason. Only cancellation propagates.
 """
@@ -34,9 +34,9 @@ import anyio
 import httpx
 import structlog
 
-from . import __version__
-from .config import ProbeConfig
-from .model import ModelSpec, ProbeResult, ProbeStatus, finite_ms, json_safe
+from .. import __version__
+from ..config import ProbeConfig
+from ..core.model import ModelSpec, ProbeResult, ProbeStatus, finite_ms, json_safe
 
 USER_AGENT = f"modeld/{__version__}"
 

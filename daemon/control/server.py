@@ -3,7 +3,7 @@
 h11 does the HTTP framing. This module owns only what h11 leaves to a server: the connection
 loop, keep-alive, the limits a local daemon needs so that no client can hurt it (header and
 body size, a read deadline per request, a cap on connections, a write deadline), streaming
-responses, and a graceful shutdown. Routing lives in the handler (``daemon.api``).
+responses, and a graceful shutdown. Routing lives in the handler (``daemon.control.api``).
 
 Usage, from a supervisor::
 

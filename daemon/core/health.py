@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from .config import HealthConfig
+from ..config import HealthConfig
 from .model import HealthStatus, ProbeResult, ProbeStatus
 
 

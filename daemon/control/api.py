@@ -15,10 +15,10 @@ from typing import Any, Protocol
 
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from .config import ConfigError
-from .http import HTTPError, Peer, Request, Response, StreamingResponse
-from .model import Event, ProbeResult
-from .registry import ModelRegistry, NoUsableModel, RegistryError
+from ..config import ConfigError
+from ..core.model import Event, ProbeResult
+from ..core.registry import ModelRegistry, NoUsableModel, RegistryError
+from .server import HTTPError, Peer, Request, Response, StreamingResponse
 
 API = "/api/v1"
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -19,8 +19,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .model import HealthStatus
-from .registry import ModelRegistry
+from ..core.model import HealthStatus
+from ..core.registry import ModelRegistry
 
 
 class _RegistryCollector(Collector):

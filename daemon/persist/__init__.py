@@ -1,0 +1,1 @@
+"""The state file: atomic writes, load, migrations, the lock."""

@@ -1,0 +1,1 @@
+"""Probing: the prober (deadlines, caps, isolation, single-flight), plugin loading, hookspecs."""

@@ -1,0 +1,1 @@
+"""The service: the supervisor, systemd, metrics, logs and the ``modeld`` command line."""
