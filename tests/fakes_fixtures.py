@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-from daemon.config import ProbeConfig
 from daemon.core.model import ModelSpec
+from daemon.core.settings import ProbeConfig
 from daemon.probing.plugins import collect_probes, get_plugin_manager
 from daemon.probing.prober import Probe, Prober, make_http_client
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from daemon.config import HealthConfig
 from daemon.core.health import HealthState, Sample, apply_probe, needs_recheck
 from daemon.core.model import HealthStatus, ProbeResult
+from daemon.core.settings import HealthConfig
 
 CFG = HealthConfig(failure_threshold=3, success_threshold=2, degraded_latency_ms=2000.0, window=5)
 

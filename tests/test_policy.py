@@ -7,9 +7,9 @@ import itertools
 
 import pytest
 
-from daemon.config import PolicyConfig
 from daemon.core.model import HealthStatus
 from daemon.core.policy import Candidate, cooldown_remaining, in_probation, suggest
+from daemon.core.settings import PolicyConfig
 
 CFG = PolicyConfig(min_margin=0.05, min_consecutive_healthy=5, cooldown=1800.0,
                    probation=600.0, quarantine=3600.0)

@@ -15,8 +15,8 @@ import structlog
 from fakes_fixtures import running_prober, spec
 
 from daemon import __version__
-from daemon.config import ProbeConfig
 from daemon.core.model import ModelSpec, ProbeResult, ProbeStatus
+from daemon.core.settings import ProbeConfig
 from daemon.probing.prober import (
     Probe,
     ProbeContext,

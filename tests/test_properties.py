@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.config import HealthConfig, ScoreConfig, parse_config
+from daemon.config import parse_config
 from daemon.core.health import HealthState, apply_probe
 from daemon.core.model import HealthStatus, ModelSpec, ProbeResult
 from daemon.core.registry import (
@@ -19,6 +19,7 @@ from daemon.core.registry import (
     NoUsableModel,
 )
 from daemon.core.scoring import score
+from daemon.core.settings import HealthConfig, ScoreConfig
 
 T0 = 1_700_000_000.0
 HEALTH = HealthConfig(failure_threshold=3, success_threshold=2, degraded_latency_ms=2000.0,

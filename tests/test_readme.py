@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from daemon.config import Config
 from daemon.control import api
 from daemon.core.registry import ModelRegistry
+from daemon.core.settings import Config
 from daemon.docs import render_readme
 from daemon.service.metrics import Metrics
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from daemon.config import Config, parse_config
+from daemon.config import parse_config
 from daemon.core.model import EventKind, HealthStatus, ProbeResult, ProbeStatus
 from daemon.core.registry import (
     ModelRegistry,
@@ -20,6 +20,7 @@ from daemon.core.registry import (
     UnknownModel,
     UnknownRole,
 )
+from daemon.core.settings import Config
 
 T0 = 1_700_000_000.0
 REMOTE = "http://10.0.0.9:8000"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.config import HealthConfig, ScoreConfig
 from daemon.core.health import HealthState, Sample, apply_probe
 from daemon.core.model import HealthStatus, ModelSpec, ProbeResult
 from daemon.core.scoring import ZERO, score
+from daemon.core.settings import HealthConfig, ScoreConfig
 
 SPEC = ModelSpec(id="m", provider="openai", cost_estimate=3.0, quality=0.6,
                  latency_estimate=1500.0)

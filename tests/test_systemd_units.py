@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from daemon.config import DEFAULT_CONFIG_PATH, EX_CONFIG, DaemonConfig
+from daemon.config import DEFAULT_CONFIG_PATH, EX_CONFIG
+from daemon.core.settings import DaemonConfig
 
 UNIT_DIR = Path(__file__).resolve().parent.parent / "systemd"
 SERVICE = UNIT_DIR / "modeld.service"

@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from ..config import HealthConfig
 from .model import HealthStatus, ProbeResult, ProbeStatus
+from .settings import HealthConfig
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,8 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import PolicyConfig
 from .model import HealthStatus
+from .settings import PolicyConfig
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from ..config import Config
 from . import policy
 from .health import HealthState, Sample, apply_probe
 from .model import (
@@ -34,6 +33,7 @@ from .model import (
 )
 from .policy import Candidate, Suggestion
 from .scoring import ZERO, ScoreParts, score
+from .settings import Config
 
 EVENTS_KEPT = 1000
 HISTORY_KEPT = 200

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ScoreConfig
 from .health import HealthState
 from .model import HealthStatus, ModelSpec
+from .settings import ScoreConfig
 
 _HEALTH_VALUE = {HealthStatus.HEALTHY: 1.0, HealthStatus.DEGRADED: 0.5}
 

@@ -35,8 +35,8 @@ import httpx
 import structlog
 
 from .. import __version__
-from ..config import ProbeConfig
 from ..core.model import ModelSpec, ProbeResult, ProbeStatus, finite_ms, json_safe
+from ..core.settings import ProbeConfig
 
 USER_AGENT = f"modeld/{__version__}"
 

@@ -25,7 +25,7 @@ import httpx
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .. import __version__
-from ..config import Config, ConfigError, load_config
+from ..config import ConfigError, load_config
 from ..control.api import ControlAPI, StateNotSaved
 from ..control.server import (
     HTTPServer,
@@ -39,6 +39,7 @@ from ..control.server import (
 from ..core.health import needs_recheck
 from ..core.model import Event, EventKind, ModelSpec, ProbeResult
 from ..core.registry import ModelRegistry, StateShapeError
+from ..core.settings import Config
 from ..persist.store import StateError, StateLocked, StateStore, check_state_shape
 from ..probing.plugins import PluginError, collect_probes, get_plugin_manager, notify_observers
 from ..probing.prober import Prober, make_http_client

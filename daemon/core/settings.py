@@ -1,0 +1,89 @@
+"""The configuration as the core sees it: frozen dataclasses, every default filled.
+
+Pure data. ``daemon.config`` builds these from TOML and names every error; nothing here
+reads a file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .model import ModelSpec
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    state_file: str = "/var/lib/modeld/model_registry.json"
+    socket: str = "/run/modeld/control.sock"
+    socket_mode: int = 0o660
+    admin_group: str = "modeld"
+    plugin_dirs: tuple[str, ...] = ("/etc/modeld/plugins.d",)
+    metrics_listen: str = ""
+    log_format: str = "auto"
+    state_flush_interval: float = 2.0
+    shutdown_grace: float = 5.0
+    max_connections: int = 1024
+    request_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeConfig:
+    interval: float = 5.0
+    timeout: float = 3.0
+    max_concurrent: int = 64
+    recheck_interval: float = 0.5
+    max_response_bytes: int = 1048576
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    failure_threshold: int = 3
+    success_threshold: int = 2
+    degraded_latency_ms: float = 2000.0
+    window: int = 20
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreConfig:
+    health: float = 0.5
+    latency: float = 0.2
+    cost: float = 0.1
+    quality: float = 0.2
+    latency_target_ms: float = 500.0
+    cost_ceiling: float = 30.0
+
+    def normalised(self) -> tuple[float, float, float, float]:
+        """The four weights (health, latency, cost, quality) scaled to sum to 1."""
+        total = self.health + self.latency + self.cost + self.quality
+        return (self.health / total, self.latency / total, self.cost / total, self.quality / total)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    interval: float = 60.0
+    auto_execute: bool = False
+    min_margin: float = 0.05
+    min_consecutive_healthy: int = 5
+    cooldown: float = 1800.0
+    probation: float = 600.0
+    quarantine: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole effective configuration."""
+
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    models: tuple[ModelSpec, ...] = ()
+    path: str = ""
+
+    def model(self, model_id: str) -> ModelSpec | None:
+        """The spec with this id, if declared."""
+        for spec in self.models:
+            if spec.id == model_id:
+                return spec
+        return None
