@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from daemon.persist.store import check_state_shape
+from daemon.persist.codec import check_state_shape
 from daemon.testing.fakes import FakeOllama, FakeOpenAI, FakeServers, write_gguf
 from daemon.testing.harness import DaemonProcess, daemon_config, wait_for
 

@@ -20,6 +20,7 @@ from daemon.core.registry import (
 )
 from daemon.core.scoring import score
 from daemon.core.settings import HealthConfig, ScoreConfig
+from daemon.persist.codec import from_state, to_state
 
 T0 = 1_700_000_000.0
 HEALTH = HealthConfig(failure_threshold=3, success_threshold=2, degraded_latency_ms=2000.0,
@@ -242,8 +243,8 @@ def test_n_promotions_then_n_rollbacks_restore_every_roles_primary(ops, targets)
 def test_state_round_trip_after_random_operations_is_exact(ops):
     registry = ModelRegistry(CONFIG, T0)
     now = run(registry, ops, T0)
-    restored = ModelRegistry.from_state(CONFIG, registry.to_state(), now)
-    assert without_not_probed(restored.to_state()) == without_not_probed(registry.to_state())
+    restored = from_state(CONFIG, to_state(registry), now)
+    assert without_not_probed(to_state(restored)) == without_not_probed(to_state(registry))
     assert primaries(restored) == primaries(registry)
 
 

@@ -16,11 +16,11 @@ from daemon.core.registry import (
     NothingToRollBack,
     NoUsableModel,
     RoleRequired,
-    StateShapeError,
     UnknownModel,
     UnknownRole,
 )
 from daemon.core.settings import Config
+from daemon.persist.codec import StateShapeError, from_state, to_state
 
 T0 = 1_700_000_000.0
 REMOTE = "http://10.0.0.9:8000"
@@ -856,9 +856,9 @@ def json_round_trip(data: dict[str, Any]) -> dict[str, Any]:
 
 def test_to_state_from_state_round_trip_is_exact():
     registry = busy()
-    state = json_round_trip(registry.to_state())
-    restored = ModelRegistry.from_state(registry.config, state, T0 + 7)
-    assert restored.to_state() == registry.to_state()
+    state = json_round_trip(to_state(registry))
+    restored = from_state(registry.config, state, T0 + 7)
+    assert to_state(restored) == to_state(registry)
     assert primaries(restored) == primaries(registry) == {"chat": "c", "code": "x"}
     assert restored.roles["chat"].history == registry.roles["chat"].history
     assert restored.models["x"].health == registry.models["x"].health
@@ -869,7 +869,7 @@ def test_to_state_from_state_round_trip_is_exact():
 
 def test_restored_registry_continues_the_event_sequence():
     registry = busy()
-    restored = ModelRegistry.from_state(registry.config, json_round_trip(registry.to_state()),
+    restored = from_state(registry.config, json_round_trip(to_state(registry)),
                                         T0 + 7)
     restored.set_offline_mode(False, now=T0 + 8)
     assert restored.events[-1].seq == registry.event_seq + 1
@@ -878,18 +878,18 @@ def test_restored_registry_continues_the_event_sequence():
 def test_state_never_holds_the_api_key_env_or_endpoint():
     registry = make(remote("a", api_key_env="SECRET_TOKEN_VAR"))
     up(registry, "a")
-    text = json.dumps(registry.to_state())
+    text = json.dumps(to_state(registry))
     assert "SECRET_TOKEN_VAR" not in text
 
 
 def test_from_state_drops_models_no_longer_in_config():
     registry = busy()
-    state = json_round_trip(registry.to_state())
+    state = json_round_trip(to_state(registry))
     config = make_config(remote("b", quality=0.9), local("c"),
                          remote("x", role="code", primary=True))
-    restored = ModelRegistry.from_state(config, state, T0 + 7)
+    restored = from_state(config, state, T0 + 7)
     assert list(restored.models) == ["b", "c", "x"]
-    assert set(restored.to_state()["models"]) == {"b", "c", "x"}
+    assert set(to_state(restored)["models"]) == {"b", "c", "x"}
     assert "a" not in restored.quarantined_until
     assert restored.models["b"].health.consecutive_successes == 5
     assert list(restored.roles) == ["chat", "code"]
@@ -897,19 +897,19 @@ def test_from_state_drops_models_no_longer_in_config():
 
 def test_from_state_drops_a_primary_that_is_no_longer_declared_in_its_role():
     registry = busy()
-    state = json_round_trip(registry.to_state())
+    state = json_round_trip(to_state(registry))
     config = make_config(remote("a", primary=True), remote("b"), local("c", role="code"),
                          remote("x", role="code", primary=True))
-    restored = ModelRegistry.from_state(config, state, T0 + 7)
+    restored = from_state(config, state, T0 + 7)
     assert restored.roles["chat"].primary is None  # c moved away; history exists: no reset
     assert restored.roles["code"].primary == "x"
 
 
 def test_from_state_uses_the_configured_primary_for_a_role_without_history():
     registry = make(remote("a"))
-    state = json_round_trip(registry.to_state())
+    state = json_round_trip(to_state(registry))
     config = make_config(remote("a"), remote("n", role="new", primary=True))
-    restored = ModelRegistry.from_state(config, state, T0)
+    restored = from_state(config, state, T0)
     assert restored.roles["new"].primary == "n"
 
 
@@ -918,7 +918,7 @@ def test_from_state_uses_the_configured_primary_for_a_role_without_history():
 def test_from_state_offline_override_wins_over_the_saved_value(saved, override, expected):
     registry = make(remote("a"), local("b"))
     registry.set_offline_mode(saved, now=T0)
-    restored = ModelRegistry.from_state(registry.config, json_round_trip(registry.to_state()),
+    restored = from_state(registry.config, json_round_trip(to_state(registry)),
                                         T0, offline_override=override)
     assert restored.offline_mode is expected
     assert (restored.models["a"].not_probed == "not probed: offline") is expected
@@ -927,16 +927,16 @@ def test_from_state_offline_override_wins_over_the_saved_value(saved, override, 
 def test_from_state_drops_expired_quarantines():
     registry = make(remote("a"), remote("b"))
     registry.quarantine("a", now=T0, reason="test")
-    state = json_round_trip(registry.to_state())
-    assert ModelRegistry.from_state(registry.config, state, T0 + 3599).quarantined_until
-    assert ModelRegistry.from_state(registry.config, state, T0 + 3600).quarantined_until == {}
+    state = json_round_trip(to_state(registry))
+    assert from_state(registry.config, state, T0 + 3599).quarantined_until
+    assert from_state(registry.config, state, T0 + 3600).quarantined_until == {}
 
 
 def test_from_state_restores_last_probe_from_recent_probes():
     registry = make(remote("a"))
     registry.apply_probe("a", ProbeResult.healthy(10.0), T0)
     registry.apply_probe("a", ProbeResult.failure("boom", 20.0), T0 + 1)
-    restored = ModelRegistry.from_state(registry.config, json_round_trip(registry.to_state()),
+    restored = from_state(registry.config, json_round_trip(to_state(registry)),
                                         T0 + 2)
     last = restored.models["a"].last_probe
     assert last is not None and (last.at, last.reason, last.ok) == (T0 + 1, "boom", False)
@@ -946,13 +946,13 @@ def test_from_state_restores_last_probe_from_recent_probes():
                                   "models": {"a": {"status": "sideways"}}, "roles": {}}])
 def test_from_state_with_a_bad_shape_raises_state_shape_error(data):
     with pytest.raises(StateShapeError):
-        ModelRegistry.from_state(make_config(remote("a")), data, T0)
+        from_state(make_config(remote("a")), data, T0)
 
 
 def test_fresh_registry_state_versions_start_at_zero_and_restored_ones_too():
     registry = busy()
     assert registry.version > 0 and registry.decision_version > 0
-    restored = ModelRegistry.from_state(registry.config, json_round_trip(registry.to_state()),
+    restored = from_state(registry.config, json_round_trip(to_state(registry)),
                                         T0)
     assert (restored.version, restored.decision_version) == (0, 0)
 
@@ -1002,9 +1002,9 @@ def test_model_moved_to_another_role_is_not_retired_there_after_a_restart():
     registry = ModelRegistry(old, T0)
     up(registry, "a", "b", "x", "y")
     registry.promote_model("b", now=T0)  # a is retired in chat
-    saved = json_round_trip(registry.to_state())
+    saved = json_round_trip(to_state(registry))
     registry.apply_config(new, T0 + 1)
-    restarted = ModelRegistry.from_state(new, saved, T0 + 1)
+    restarted = from_state(new, saved, T0 + 1)
     assert registry.get_model_for_use("code").fallbacks == ("y", "a")
     assert restarted.models["a"].retired is registry.models["a"].retired is False
     assert restarted.get_model_for_use("code").fallbacks == ("y", "a")
@@ -1020,13 +1020,13 @@ def test_non_finite_latency_and_facts_from_a_plugin_never_break_the_state() -> N
     assert entry.last_probe is not None and entry.last_probe.latency_ms is None
     assert all(s.latency_ms is None for s in entry.health.window)
     assert 0.0 <= entry.score.total <= 1.0
-    text = json.dumps(registry.to_state(), allow_nan=False)  # raises on NaN or infinity
+    text = json.dumps(to_state(registry), allow_nan=False)  # raises on NaN or infinity
     assert '"weird":"inf"' in text.replace(" ", "")
     odd: Any = ProbeResult(ProbeStatus.FAILED, True, reason=ValueError("boom"))  # type: ignore
     registry.apply_probe("a", odd, T0)
     last = registry.models["a"].last_probe
     assert last is not None and last.reason == "boom" and last.latency_ms is None
-    json.dumps(registry.to_state(), allow_nan=False)
+    json.dumps(to_state(registry), allow_nan=False)
 
 
 @pytest.mark.parametrize("field", ["promoted_at", "last_auto_promotion_at"])
@@ -1034,10 +1034,10 @@ def test_a_saved_time_of_the_wrong_type_makes_the_state_invalid(field: str) -> N
     registry = make(remote("a", primary=True), remote("b"))
     up(registry, "b")
     registry.promote_model("b", now=T0, automatic=True)
-    state = json_round_trip(registry.to_state())
+    state = json_round_trip(to_state(registry))
     state["roles"]["chat"][field] = "2024-01-01T00:00:00Z"
     with pytest.raises(StateShapeError):
-        ModelRegistry.from_state(registry.config, state, T0 + 1)
+        from_state(registry.config, state, T0 + 1)
 
 
 def test_a_nan_inside_a_list_fact_never_reaches_the_state_encoder() -> None:
@@ -1045,5 +1045,5 @@ def test_a_nan_inside_a_list_fact_never_reaches_the_state_encoder() -> None:
 
     registry = make(remote("a", primary=True))
     registry.apply_probe("a", ProbeResult.healthy(1.0, samples=[1.0, float("nan")]), T0)
-    text = json.dumps(registry.to_state(), allow_nan=False)  # raises on NaN
+    text = json.dumps(to_state(registry), allow_nan=False)  # raises on NaN
     assert '"samples":[1.0,"nan"]' in text.replace(" ", "")

@@ -21,12 +21,12 @@ import daemon.persist.store as state_mod
 from daemon.config import parse_config
 from daemon.core.model import ProbeResult
 from daemon.core.registry import ModelRegistry
+from daemon.persist.codec import check_state_shape, from_state, to_state
 from daemon.persist.store import (
     SCHEMA_VERSION,
     StateError,
     StateLocked,
     StateStore,
-    check_state_shape,
 )
 
 CORRUPT_NAME = re.compile(r"^state\.json\.corrupt-\d{8}T\d{6}Z(-\d+)?$")
@@ -79,14 +79,14 @@ def test_missing_file_loads_as_a_fresh_start(store):
 
 def test_registry_state_round_trips_through_the_file(store):
     registry = busy_registry()
-    store.write(registry.to_state(), now=T0 + 9)
+    store.write(to_state(registry), now=T0 + 9)
     loaded = store.load()
     assert loaded.data is not None and loaded.corrupt_copy is None
     assert loaded.data["schema_version"] == SCHEMA_VERSION
     assert loaded.data["saved_at"] == T0 + 9
     assert check_state_shape(loaded.data) == []
-    restored = ModelRegistry.from_state(config(), loaded.data, T0 + 10)
-    assert restored.to_state() == registry.to_state()
+    restored = from_state(config(), loaded.data, T0 + 10)
+    assert to_state(restored) == to_state(registry)
     assert restored.roles["chat"].primary == "b"
     assert restored.offline_mode is True
 
@@ -232,7 +232,7 @@ def test_after_a_corrupt_file_the_daemon_starts_fresh_from_config(store):
     assert loaded.data is None
     registry = ModelRegistry(config(), T0)
     assert registry.roles["chat"].primary == "a"
-    store.write(registry.to_state())
+    store.write(to_state(registry))
     assert check_state_shape(store.load().data) == []
 
 
@@ -395,12 +395,12 @@ def test_write_to_a_read_only_directory_raises_and_keeps_nothing(read_only_dir):
 
 
 def test_check_state_shape_accepts_a_registry_state(store):
-    data = json.loads(store.encode(busy_registry().to_state(), now=T0))
+    data = json.loads(store.encode(to_state(busy_registry()), now=T0))
     assert check_state_shape(data) == []
 
 
 def test_check_state_shape_names_missing_and_mistyped_keys():
-    data = json.loads(StateStore("/x").encode(busy_registry().to_state(), now=T0))
+    data = json.loads(StateStore("/x").encode(to_state(busy_registry()), now=T0))
     del data["roles"]
     data["offline_mode"] = "yes"
     data["event_seq"] = True
@@ -410,7 +410,7 @@ def test_check_state_shape_names_missing_and_mistyped_keys():
 
 
 def test_check_state_shape_names_broken_models_and_roles():
-    data = json.loads(StateStore("/x").encode(busy_registry().to_state(), now=T0))
+    data = json.loads(StateStore("/x").encode(to_state(busy_registry()), now=T0))
     del data["models"]["a"]["status"]
     data["roles"]["chat"] = {"primary": "a"}
     assert check_state_shape(data) == ["models.a lacks status or retired",

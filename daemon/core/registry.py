@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
 from . import policy
-from .health import HealthState, Sample, apply_probe
+from .health import HealthState, apply_probe
 from .model import (
     Event,
     EventKind,
@@ -88,10 +88,6 @@ class NoUsableModel(RegistryError):
     def __init__(self, message: str, reasons: Mapping[str, str]) -> None:
         super().__init__(message, reasons=dict(reasons))
         self.reasons = dict(reasons)
-
-
-class StateShapeError(ValueError):
-    """A saved state that parses as JSON but does not have the expected shape."""
 
 
 # ----------------------------------------------------------------------------- records
@@ -210,6 +206,16 @@ class RoleState:
 
 
 @dataclass(frozen=True, slots=True)
+class Observed:
+    """What was observed of one model before a restart, as saved."""
+
+    role: str | None  # the role the model was in when saved (None: not recorded)
+    health: HealthState
+    retired: bool
+    recent: tuple[ProbeRecord, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Resolution:
     """The answer to "which model do I use now": the choice and the ordered fallbacks."""
 
@@ -261,6 +267,43 @@ class ModelRegistry:
         for spec in config.models:
             if spec.primary and self.roles[spec.role].primary is None:
                 self._set_initial_primary(spec, now)
+        self._refresh_offline_marks()
+
+    def restore(self, *, now: float, offline_mode: bool, observed: Mapping[str, Observed],
+                roles: Mapping[str, RoleState], quarantined_until: Mapping[str, float],
+                events: Iterable[Event], event_seq: int) -> None:
+        """Adopt what a saved state observed, on top of this fresh registry for the current
+        configuration. State of models no longer declared is dropped; a role keeps its saved
+        primary only if that model is still declared in it; a role with no saved history
+        keeps the primary the configuration declares."""
+        self.offline_mode = offline_mode
+        self.events = deque(events, maxlen=EVENTS_KEPT)
+        self.event_seq = event_seq
+        self.quarantined_until = {model_id: until for model_id, until in quarantined_until.items()
+                                  if model_id in self.models and until > now}
+        for model_id, seen in observed.items():
+            entry = self.models.get(model_id)
+            if entry is None:
+                continue
+            entry.health = replace(seen.health,
+                                   window=seen.health.window[-self.config.health.window:])
+            # retired is a place in a role's fallback order: it does not follow a model that
+            # the configuration moved to another role (as apply_config does on reload)
+            entry.retired = seen.retired and seen.role in (None, entry.spec.role)
+            entry.recent.extend(seen.recent)
+            entry.last_probe = entry.recent[-1] if entry.recent else None
+            entry.score = score(entry.spec, entry.health, self.config.score)
+        for role_name, saved in roles.items():
+            if role_name not in self.roles or (saved.primary is None and not saved.history):
+                continue
+            members = set(self._by_role[role_name])
+            saved.primary = saved.primary if saved.primary in members else None
+            saved.stack = [p for p in saved.stack if p.to_id in members
+                           and (p.from_id is None or p.from_id in members)]
+            self.roles[role_name] = saved
+        for state in self.roles.values():
+            if state.primary is not None:
+                self.models[state.primary].retired = False
         self._refresh_offline_marks()
 
     # --------------------------------------------------------------- small helpers
@@ -725,138 +768,6 @@ class ModelRegistry:
             "history": [h.to_json() for h in role.history[-20:]],
         }
 
-    # --------------------------------------------------------------- persistence
-
-    def to_state(self, events_kept: int = 200, probes_kept: int = 1) -> dict[str, Any]:
-        """Everything worth keeping across restarts, as JSON-ready data (never a secret).
-
-        Of each model's recent probes only the last ``probes_kept`` are saved: the full list
-        was three quarters of the file and is only a convenience for ``show``.
-        """
-        models = {}
-        for model_id, entry in self.models.items():
-            h = entry.health
-            models[model_id] = {
-                "role": entry.spec.role,
-                "status": h.status.value,
-                "consecutive_successes": h.consecutive_successes,
-                "consecutive_failures": h.consecutive_failures,
-                # microseconds are finer than any probe's jitter; full float reprs made the
-                # window the costliest part of encoding the state
-                "window": [[s.ok, _ms(s.latency_ms)] for s in h.window],
-                "probes_total": h.probes_total,
-                "failures_total": h.failures_total,
-                "changed_at": h.changed_at,
-                "retired": entry.retired,
-                "score": round(entry.score.total, 6),
-                "latency_p50_ms": _ms(h.p50),
-                "recent": [r.to_json() for r in list(entry.recent)[-probes_kept:]]
-                if probes_kept else [],
-                "not_probed": entry.not_probed,
-            }
-        roles = {
-            name: {
-                "primary": state.primary,
-                "stack": [p.to_json() for p in state.stack],
-                "history": [h.to_json() for h in state.history],
-                "promoted_at": state.promoted_at,
-                "promoted_automatically": state.promoted_automatically,
-                "last_auto_promotion_at": state.last_auto_promotion_at,
-            }
-            for name, state in self.roles.items()
-        }
-        events = list(self.events)[-events_kept:] if events_kept else []
-        return {
-            "offline_mode": self.offline_mode,
-            "models": models,
-            "roles": roles,
-            "quarantine": dict(self.quarantined_until),
-            "event_seq": self.event_seq,
-            "events": [e.to_json() for e in events],
-        }
-
-    @classmethod
-    def from_state(cls, config: Config, data: Mapping[str, Any], now: float, *,
-                   offline_override: bool | None = None) -> ModelRegistry:
-        """A registry for ``config`` with the observed state in ``data`` restored.
-
-        State of models no longer declared is dropped; roles keep their primary only if it is
-        still declared in that role. Raises StateShapeError when ``data`` is not a state.
-        """
-        try:
-            return cls._from_state(config, data, now, offline_override)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise StateShapeError(f"{type(exc).__name__}: {exc}") from exc
-
-    @classmethod
-    def _from_state(cls, config: Config, data: Mapping[str, Any], now: float,
-                    offline_override: bool | None) -> ModelRegistry:
-        registry = cls.__new__(cls)
-        registry.config = config
-        registry.models = {spec.id: ModelEntry(spec=spec) for spec in config.models}
-        registry.roles = {}
-        registry.offline_mode = bool(data["offline_mode"])
-        if offline_override is not None:
-            registry.offline_mode = offline_override
-        registry.events = deque((Event.from_json(e) for e in data.get("events", [])),
-                                maxlen=EVENTS_KEPT)
-        registry.event_seq = int(data.get("event_seq", 0))
-        registry.version = 0
-        registry.decision_version = 0
-        registry.listeners = []
-        registry._last_suggestion = {}
-        registry.quarantined_until = {
-            str(k): float(v) for k, v in dict(data.get("quarantine", {})).items()
-            if k in registry.models and float(v) > now
-        }
-        for model_id, raw in dict(data["models"]).items():
-            entry = registry.models.get(model_id)
-            if entry is None:
-                continue
-            window = tuple(Sample(bool(ok), None if lat is None else float(lat))
-                           for ok, lat in raw.get("window", []))[-config.health.window:]
-            entry.health = HealthState(
-                status=HealthStatus(raw["status"]),
-                consecutive_successes=int(raw.get("consecutive_successes", 0)),
-                consecutive_failures=int(raw.get("consecutive_failures", 0)),
-                window=window,
-                probes_total=int(raw.get("probes_total", 0)),
-                failures_total=int(raw.get("failures_total", 0)),
-                changed_at=_opt_float(raw.get("changed_at")),
-            )
-            # retired is a place in a role's fallback order: it does not follow a model that
-            # the configuration moved to another role (as apply_config does on reload)
-            moved = raw.get("role", entry.spec.role) != entry.spec.role
-            entry.retired = bool(raw.get("retired", False)) and not moved
-            entry.recent.extend(ProbeRecord.from_json(r) for r in raw.get("recent", []))
-            entry.last_probe = entry.recent[-1] if entry.recent else None
-            entry.score = score(entry.spec, entry.health, config.score)
-        registry._index_roles()
-        for role_name, raw in dict(data["roles"]).items():
-            if role_name not in registry.roles:
-                continue
-            members = set(registry._by_role[role_name])
-            state = registry.roles[role_name]
-            primary = raw.get("primary")
-            state.primary = primary if primary in members else None
-            state.stack = [p for p in (Promotion.from_json(x) for x in raw.get("stack", []))
-                           if p.to_id in members and (p.from_id is None or p.from_id in members)]
-            state.history = [HistoryEntry.from_json(h) for h in raw.get("history", [])]
-            state.promoted_at = _opt_float(raw.get("promoted_at"))
-            state.promoted_automatically = bool(raw.get("promoted_automatically", False))
-            state.last_auto_promotion_at = _opt_float(raw.get("last_auto_promotion_at"))
-        for role_name, state in registry.roles.items():
-            if state.primary is None and not state.history:
-                declared = next((registry.models[m].spec for m in registry._by_role[role_name]
-                                 if registry.models[m].spec.primary), None)
-                if declared is not None:
-                    registry._set_initial_primary(declared, now)
-        for state in registry.roles.values():
-            if state.primary is not None:
-                registry.models[state.primary].retired = False
-        registry._refresh_offline_marks()
-        return registry
-
 
 def _sane(result: ProbeResult) -> ProbeResult:
     """The result as the registry can keep it: a latency that is a finite, non-negative
@@ -866,20 +777,6 @@ def _sane(result: ProbeResult) -> ProbeResult:
     if latency == result.latency_ms and isinstance(result.reason, str):
         return result
     return ProbeResult(result.status, latency, str(result.reason), result.facts)
-
-
-def _opt_float(value: Any) -> float | None:
-    """A saved time: None, or a number; anything else makes the state invalid (it would
-    otherwise load, then break the first probation or cooldown check)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"expected a number or null, got {type(value).__name__} {value!r:.40}")
-    return float(value)
-
-
-def _ms(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
 
 
 def _jsonable(facts: Mapping[str, Any]) -> dict[str, Any]:

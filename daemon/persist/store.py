@@ -250,26 +250,3 @@ def _read_pid(fd: int) -> int | None:
         return int(text) if text else None
     except (OSError, ValueError):
         return None
-
-
-def check_state_shape(data: Any) -> list[str]:
-    """Problems that make ``data`` not a valid state of this schema (empty when it is)."""
-    problems: list[str] = []
-    if not isinstance(data, dict):
-        return ["state is not a JSON object"]
-    expected: dict[str, type | tuple[type, ...]] = {
-        "schema_version": int, "offline_mode": bool, "models": dict, "roles": dict,
-        "quarantine": dict, "event_seq": int, "events": list, "saved_at": (int, float),
-    }
-    for key, kind in expected.items():
-        if key not in data:
-            problems.append(f"missing key {key}")
-        elif not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool)):
-            problems.append(f"{key} has the wrong type ({type(data[key]).__name__})")
-    for model_id, model in (data.get("models") or {}).items():
-        if not isinstance(model, dict) or "status" not in model or "retired" not in model:
-            problems.append(f"models.{model_id} lacks status or retired")
-    for role, state in (data.get("roles") or {}).items():
-        if not isinstance(state, dict) or "primary" not in state or "history" not in state:
-            problems.append(f"roles.{role} lacks primary or history")
-    return problems

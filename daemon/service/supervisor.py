@@ -38,9 +38,10 @@ from ..control.server import (
 )
 from ..core.health import needs_recheck
 from ..core.model import Event, EventKind, ModelSpec, ProbeResult
-from ..core.registry import ModelRegistry, StateShapeError
+from ..core.registry import ModelRegistry
 from ..core.settings import Config
-from ..persist.store import StateError, StateLocked, StateStore, check_state_shape
+from ..persist.codec import StateShapeError, check_state_shape, from_state, to_state
+from ..persist.store import StateError, StateLocked, StateStore
 from ..probing.plugins import PluginError, collect_probes, get_plugin_manager, notify_observers
 from ..probing.prober import Prober, make_http_client
 from .logs import get_logger
@@ -187,7 +188,7 @@ class Daemon:
             # the snapshot is taken on the loop (registry operations are atomic there); the
             # encoding and the write happen in a worker thread, and both are timed
             started = time.perf_counter()
-            snapshot = self.registry.to_state()
+            snapshot = to_state(self.registry)
             try:
                 size = await anyio.to_thread.run_sync(self.store.write, snapshot)
             except Exception as exc:  # OSError (disk), or anything the encoder refuses
@@ -538,7 +539,7 @@ class Daemon:
                 problems = check_state_shape(loaded.data)
                 if problems:
                     raise StateShapeError("; ".join(problems[:5]))
-                self.registry = ModelRegistry.from_state(
+                self.registry = from_state(
                     self.config, loaded.data, now, offline_override=self._offline_override)
             except StateShapeError as exc:
                 aside = self.store.set_aside(str(exc))

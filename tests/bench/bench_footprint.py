@@ -39,6 +39,7 @@ from common import (
 from daemon.config import parse_config
 from daemon.core.model import ProbeResult
 from daemon.core.registry import ModelRegistry
+from daemon.persist.codec import to_state
 from daemon.persist.store import StateStore
 from daemon.testing.harness import DaemonProcess, daemon_config, wait_for
 
@@ -100,11 +101,11 @@ def state_write(count: int, repeats: int) -> dict[str, Any]:
             registry.apply_probe(f"m{n}", ProbeResult.healthy(12.5 + step, listed=count),
                                  now + step * 5)
     store = StateStore(work / "state.json")
-    to_state, encode, write, plain = [], [], [], []
+    snapshot, encode, write, plain = [], [], [], []
     content = b""
     for _ in range(repeats):
         t0 = time.perf_counter()
-        data = registry.to_state()
+        data = to_state(registry)
         t1 = time.perf_counter()
         content = store.encode(data)
         t2 = time.perf_counter()
@@ -117,15 +118,15 @@ def state_write(count: int, repeats: int) -> dict[str, Any]:
         finally:
             os.close(fd)
         t4 = time.perf_counter()
-        to_state.append(t1 - t0)
+        snapshot.append(t1 - t0)
         encode.append(t2 - t1)
         write.append(t3 - t2)
         plain.append(t4 - t3)
     ms = 1000.0
-    return {"models": count, "bytes": len(content), "to_state_ms": median(to_state) * ms,
+    return {"models": count, "bytes": len(content), "to_state_ms": median(snapshot) * ms,
             "encode_ms": median(encode) * ms, "write_bytes_ms": median(write) * ms,
-            "total_ms": (median(to_state) + median(encode) + median(write)) * ms,
-            "loop_blocked_ms": (median(to_state) + median(encode)) * ms,
+            "total_ms": (median(snapshot) + median(encode) + median(write)) * ms,
+            "loop_blocked_ms": (median(snapshot) + median(encode)) * ms,
             "plain_write_fsync_ms": median(plain) * ms}
 
 

@@ -17,7 +17,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from daemon.persist.store import SCHEMA_VERSION, check_state_shape
+from daemon.persist.codec import check_state_shape
+from daemon.persist.store import SCHEMA_VERSION
 from daemon.testing.harness import DaemonProcess
 
 #: The name pattern of the state store's temp files: ``.<name>.tmp-<pid>-<monotonic ns>``.
