@@ -35,9 +35,7 @@ from typing import Any, BinaryIO
 
 import anyio
 
-from daemon.core.model import ModelSpec, ProbeResult
-from daemon.probing.hookspecs import hookimpl
-from daemon.probing.prober import ProbeContext
+from daemon import ModelSpec, ProbeContext, ProbeResult, Register, hookimpl
 
 NAME = "local_file"
 
@@ -423,6 +421,6 @@ class LocalFileProbe:
 
 
 @hookimpl
-def modeld_register_probes(register: Any) -> None:
+def modeld_register_probes(register: Register) -> None:
     """Register the ``local_file`` probe."""
     register(NAME, LocalFileProbe())

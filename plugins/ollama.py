@@ -19,13 +19,15 @@ from typing import Any
 
 import anyio
 
-from daemon.core.model import ModelSpec, ProbeResult
-from daemon.probing.hookspecs import hookimpl
-from daemon.probing.prober import (
+from daemon import (
+    ModelSpec,
     ProbeContext,
+    ProbeResult,
+    Register,
     Reply,
     UpstreamError,
     fetch_json,
+    hookimpl,
     http_failure_reason,
     one_line,
 )
@@ -176,6 +178,6 @@ class OllamaProbe:
 
 
 @hookimpl
-def modeld_register_probes(register: Any) -> None:
+def modeld_register_probes(register: Register) -> None:
     """Register the ``ollama`` probe."""
     register(NAME, OllamaProbe())

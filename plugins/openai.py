@@ -22,15 +22,17 @@ goes only into the Authorization header: never into a reason, a fact or a log li
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from daemon.core.model import ModelSpec, ProbeResult
-from daemon.probing.hookspecs import hookimpl
-from daemon.probing.prober import (
+from daemon import (
+    ModelSpec,
     ProbeContext,
+    ProbeResult,
+    Register,
     Reply,
+    UpstreamError,
     fetch_json,
+    hookimpl,
     http_failure_reason,
     one_line,
 )
@@ -42,21 +44,6 @@ def api_base(endpoint: str) -> str:
     """The ``/v1`` base URL of an endpoint given with or without ``/v1``."""
     base = endpoint.rstrip("/")
     return base if base.endswith("/v1") else f"{base}/v1"
-
-
-def auth_headers(spec: ModelSpec) -> tuple[dict[str, str], str | None]:
-    """The Authorization header for ``spec``, or a failure reason when the key is missing."""
-    if not spec.api_key_env:
-        return {}, None
-    # a key file saved with a trailing newline (or CRLF) is the common case: strip it
-    key = os.environ.get(spec.api_key_env, "").strip()
-    if not key:
-        return {}, f"api_key_env: environment variable {spec.api_key_env} is not set or empty"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
-        # never let the HTTP layer quote it back in an error message
-        return {}, (f"api_key_env: environment variable {spec.api_key_env} contains control "
-                    "characters")
-    return {"Authorization": f"Bearer {key}"}, None
 
 
 def is_loading(reply: Reply) -> bool:
@@ -111,9 +98,10 @@ class OpenAIProbe:
 
     async def probe(self, spec: ModelSpec, ctx: ProbeContext) -> ProbeResult:
         """The model's health from the server's model list (or a 1-token chat when deep)."""
-        headers, problem = auth_headers(spec)
-        if problem:
-            return ProbeResult.failure(problem)
+        try:
+            headers = ctx.auth_headers(spec)
+        except UpstreamError as exc:
+            return ProbeResult.failure(exc.reason)
         if ctx.deep:
             return await self._chat(spec, ctx, headers)
         fetched = await fetch_json(ctx, "GET", f"{api_base(spec.endpoint)}/models",
@@ -186,6 +174,6 @@ class OpenAIProbe:
 
 
 @hookimpl
-def modeld_register_probes(register: Any) -> None:
+def modeld_register_probes(register: Register) -> None:
     """Register the ``openai`` probe."""
     register(NAME, OpenAIProbe())

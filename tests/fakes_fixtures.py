@@ -8,8 +8,9 @@ from typing import Any
 
 from daemon.core.model import ModelSpec
 from daemon.core.settings import ProbeConfig
+from daemon.probing.context import Probe, make_http_client
 from daemon.probing.plugins import collect_probes, get_plugin_manager
-from daemon.probing.prober import Probe, Prober, make_http_client
+from daemon.probing.prober import Prober
 
 #: Short enough that hang and drip tests stay quick, long enough for a loaded CI box.
 TIMEOUT = 0.6

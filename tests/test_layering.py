@@ -85,3 +85,35 @@ def test_the_purity_check_catches(source: str) -> None:
 ])
 def test_the_purity_check_allows(source: str) -> None:
     assert impurities(source) == []
+
+
+def daemon_imports(source: str) -> list[str]:
+    """The daemon modules ``source`` imports (``daemon`` for the facade itself)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0] == "daemon"]
+        elif (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+              and node.module.split(".")[0] == "daemon"):
+            found.append(node.module)
+    return found
+
+
+PLUGIN_FILES = sorted([*ROOT.glob("plugins/*.py"), *ROOT.glob("examples/plugins/*.py")])
+
+
+@pytest.mark.parametrize("path", PLUGIN_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_plugins_import_only_the_facade(path: Path) -> None:
+    assert set(daemon_imports(path.read_text())) <= {"daemon"}
+
+
+def test_the_facade_check_catches_a_reach_past_it() -> None:
+    assert daemon_imports("from daemon.probing.replies import Reply") == [
+        "daemon.probing.replies"]
+
+
+def test_every_facade_name_resolves() -> None:
+    import daemon
+
+    for name in daemon.__all__:
+        assert getattr(daemon, name) is not None, name

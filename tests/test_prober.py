@@ -17,15 +17,9 @@ from fakes_fixtures import running_prober, spec
 from daemon import __version__
 from daemon.core.model import ModelSpec, ProbeResult, ProbeStatus
 from daemon.core.settings import ProbeConfig
-from daemon.probing.prober import (
-    Probe,
-    ProbeContext,
-    Prober,
-    Reply,
-    SingleFlight,
-    UpstreamError,
-    make_http_client,
-)
+from daemon.probing.context import Probe, ProbeContext, SingleFlight, make_http_client
+from daemon.probing.prober import Prober
+from daemon.probing.replies import Reply, UpstreamError
 from daemon.testing.fakes import FakeOpenAI
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
 if TYPE_CHECKING:
     from ..core.model import HealthStatus, ModelSpec, ProbeResult
+    from .context import Register
 
 PROJECT = "modeld"
 
@@ -17,7 +17,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def modeld_register_probes(register: Callable[[str, Any], None]) -> None:
+def modeld_register_probes(register: Register) -> None:
     """Register probes: call ``register(name, probe)`` for each provider name you serve."""
 
 

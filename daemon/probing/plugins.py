@@ -25,7 +25,7 @@ import pluggy
 import structlog
 
 from . import hookspecs
-from .prober import Probe
+from .context import Probe
 
 Log = Any
 

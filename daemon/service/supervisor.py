@@ -42,8 +42,9 @@ from ..core.registry import ModelRegistry
 from ..core.settings import Config
 from ..persist.codec import StateShapeError, check_state_shape, from_state, to_state
 from ..persist.store import StateError, StateLocked, StateStore
+from ..probing.context import make_http_client
 from ..probing.plugins import PluginError, collect_probes, get_plugin_manager, notify_observers
-from ..probing.prober import Prober, make_http_client
+from ..probing.prober import Prober
 from .logs import get_logger
 from .metrics import Metrics
 from .systemd import Notifier, listen_fds, status_line, watchdog_interval

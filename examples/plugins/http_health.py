@@ -12,10 +12,15 @@ declare models with ``provider = "http_health"``:
 
 from __future__ import annotations
 
-from typing import Any
-
-from daemon import ModelSpec, ProbeResult, hookimpl
-from daemon.probing.prober import ProbeContext, UpstreamError, http_failure_reason
+from daemon import (
+    ModelSpec,
+    ProbeContext,
+    ProbeResult,
+    Register,
+    UpstreamError,
+    hookimpl,
+    http_failure_reason,
+)
 
 
 class HttpHealthProbe:
@@ -37,7 +42,7 @@ class HttpHealthProbe:
 
 
 @hookimpl
-def modeld_register_probes(register: Any) -> None:
+def modeld_register_probes(register: Register) -> None:
     """Register the ``http_health`` probe."""
     register("http_health", HttpHealthProbe())
 
