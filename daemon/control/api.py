@@ -18,9 +18,10 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from ..config import ConfigError
 from ..core.model import Event, ProbeResult
 from ..core.registry import ModelRegistry, NoUsableModel, RegistryError
+from . import routes
+from .routes import API
 from .server import HTTPError, Peer, Request, Response, StreamingResponse
 
-API = "/api/v1"
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 RESOLVE_CACHE_SIZE = 256  # distinct (role, capabilities) questions remembered
 
@@ -58,7 +59,8 @@ class DaemonServices(Protocol):
         """Whether shutdown has begun (it ends every event stream)."""
 
 
-Route = Callable[["ControlAPI", Request, dict[str, str]], Awaitable[Response | StreamingResponse]]
+Handler = Callable[["ControlAPI", Request, dict[str, str]],
+                  Awaitable[Response | StreamingResponse]]
 
 
 def actor_of(peer: Peer | None) -> str:
@@ -109,9 +111,9 @@ class ControlAPI:
 
     async def handle(self, request: Request) -> Response | StreamingResponse:
         """Route a request from the control socket."""
-        route, params = self._match(request)
+        handler, params = self._match(request)
         try:
-            return await route(self, request, params)
+            return await handler(self, request, params)
         except RegistryError as exc:
             raise _registry_error(exc) from None
 
@@ -124,22 +126,13 @@ class ControlAPI:
             raise HTTPError(405, "method_not_allowed", "/metrics allows GET only")
         return await self.metrics(request, {})
 
-    def _match(self, request: Request) -> tuple[Route, dict[str, str]]:
+    def _match(self, request: Request) -> tuple[Handler, dict[str, str]]:
         path = request.path
-        methods: dict[str, Route] | None = None
-        params: dict[str, str] = {}
-        exact = _ROUTES.get(path.rstrip("/") or "/")
-        if exact is not None:
-            methods = exact
-        elif path.startswith(f"{API}/models/"):
-            rest = path[len(f"{API}/models/"):]
-            if rest.endswith("/evaluate") and "/" not in rest[: -len("/evaluate")]:
-                methods, params = {"POST": ControlAPI.evaluate}, {"model_id": rest[:-9]}
-            elif rest and "/" not in rest.rstrip("/"):
-                methods, params = {"GET": ControlAPI.show}, {"model_id": rest.rstrip("/")}
-        if methods is None:
+        found = routes.match(path)
+        if found is None:
             raise HTTPError(404, "not_found", f"no route {request.method} {path}; "
                             f"see GET {API}/status and the README for the routes")
+        methods, params = found
         route = methods.get(request.method)
         if route is None and request.method == "HEAD":
             route = methods.get("GET")
@@ -147,7 +140,7 @@ class ControlAPI:
             allowed = ", ".join(sorted(methods))
             raise HTTPError(405, "method_not_allowed",
                             f"{path} allows {allowed}, not {request.method}", allow=allowed)
-        return route, params
+        return _HANDLERS[route.name], params
 
     def _require_admin(self, request: Request) -> str:
         why = self.daemon.admin_check(request.peer)
@@ -330,19 +323,22 @@ def _default(value: Any) -> Any:
     return str(value)
 
 
-_ROUTES: dict[str, dict[str, Route]] = {
-    f"{API}/models": {"GET": ControlAPI.list_models},
-    f"{API}/models/promote": {"POST": ControlAPI.promote},
-    f"{API}/models/rollback": {"POST": ControlAPI.rollback},
-    f"{API}/models/auto-upgrade/check": {"POST": ControlAPI.upgrade_check},
-    f"{API}/models/auto-upgrade/execute": {"POST": ControlAPI.upgrade_execute},
-    f"{API}/models/offline-mode": {"POST": ControlAPI.set_offline},
-    f"{API}/models/offline-mode/status": {"GET": ControlAPI.offline_status},
-    f"{API}/resolve": {"GET": ControlAPI.resolve},
-    f"{API}/events": {"GET": ControlAPI.events},
-    f"{API}/status": {"GET": ControlAPI.status},
-    f"{API}/reload": {"POST": ControlAPI.reload},
-    "/metrics": {"GET": ControlAPI.metrics},
+#: The handler of each route of :mod:`daemon.control.routes`, by route name.
+_HANDLERS: dict[str, Handler] = {
+    "list_models": ControlAPI.list_models,
+    "promote": ControlAPI.promote,
+    "rollback": ControlAPI.rollback,
+    "upgrade_check": ControlAPI.upgrade_check,
+    "upgrade_execute": ControlAPI.upgrade_execute,
+    "set_offline": ControlAPI.set_offline,
+    "offline_status": ControlAPI.offline_status,
+    "show": ControlAPI.show,
+    "evaluate": ControlAPI.evaluate,
+    "resolve": ControlAPI.resolve,
+    "events": ControlAPI.events,
+    "status": ControlAPI.status,
+    "reload": ControlAPI.reload,
+    "metrics": ControlAPI.metrics,
 }
 
 __all__ = ["API", "ControlAPI", "DaemonServices", "StateNotSaved", "actor_of"]

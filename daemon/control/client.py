@@ -20,16 +20,22 @@ import os
 from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote
 
 import httpx
+
+from . import routes
 
 __all__ = ["DEFAULT_SOCKET", "ModeldClient", "ModeldError", "ModeldUnreachable"]
 
 DEFAULT_SOCKET = "/run/modeld/control.sock"
-API = "/api/v1"
 
 _Params = list[tuple[str, str | int | float | bool | None]]
+
+
+def _route(name: str, **params: str) -> tuple[str, str]:
+    """The method and path of a control route (:mod:`daemon.control.routes`)."""
+    route = routes.BY_NAME[name]
+    return route.method, route.path(**params)
 
 
 class ModeldError(Exception):
@@ -145,51 +151,47 @@ class ModeldClient:
             )
         return document
 
-    @staticmethod
-    def _model_path(model_id: str, suffix: str = "") -> str:
-        return f"{API}/models/{quote(model_id, safe='')}{suffix}"
-
     # ------------------------------------------------------------------ routes
 
     async def list_models(self) -> dict[str, Any]:
         """``{"models": [view, ...], "offline_mode": bool}``."""
-        return await self._json("GET", f"{API}/models/")
+        return await self._json(*_route("list_models"))
 
     async def get_model(self, model_id: str) -> dict[str, Any]:
         """One model's view, with score parts and recent probes."""
-        return await self._json("GET", self._model_path(model_id))
+        return await self._json(*_route("show", model_id=model_id))
 
     async def evaluate(self, model_id: str) -> dict[str, Any]:
         """Probe ``model_id`` now; the result and its new score."""
-        return await self._json("POST", self._model_path(model_id, "/evaluate"), body={})
+        return await self._json(*_route("evaluate", model_id=model_id), body={})
 
     async def promote(self, model_id: str, *, force: bool = False) -> dict[str, Any]:
         """Make ``model_id`` its role's primary; ``{"changes": [...]}``."""
         body: dict[str, Any] = {"model_id": model_id}
         if force:
             body["force"] = True
-        return await self._json("POST", f"{API}/models/promote", body=body)
+        return await self._json(*_route("promote"), body=body)
 
     async def rollback(self, role: str | None = None) -> dict[str, Any]:
         """Restore ``role``'s previous primary; ``{"changes": [...]}``."""
         body = {"role": role} if role else {}
-        return await self._json("POST", f"{API}/models/rollback", body=body)
+        return await self._json(*_route("rollback"), body=body)
 
     async def auto_upgrade_check(self) -> dict[str, Any]:
         """``{"suggestions": [...]}``; changes nothing."""
-        return await self._json("POST", f"{API}/models/auto-upgrade/check", body={})
+        return await self._json(*_route("upgrade_check"), body={})
 
     async def auto_upgrade_execute(self) -> dict[str, Any]:
         """Act on the suggestions now; ``{"changes": [...]}``."""
-        return await self._json("POST", f"{API}/models/auto-upgrade/execute", body={})
+        return await self._json(*_route("upgrade_execute"), body={})
 
     async def set_offline_mode(self, enabled: bool) -> dict[str, Any]:
         """``{"offline_mode": bool, "forced_by_env": bool}`` after the change."""
-        return await self._json("POST", f"{API}/models/offline-mode", body={"enabled": enabled})
+        return await self._json(*_route("set_offline"), body={"enabled": enabled})
 
     async def offline_status(self) -> dict[str, Any]:
         """``{"offline_mode": bool, "forced_by_env": bool}``."""
-        return await self._json("GET", f"{API}/models/offline-mode/status")
+        return await self._json(*_route("offline_status"))
 
     async def resolve(
         self, role: str | None = None, capabilities: Iterable[str] = ()
@@ -197,19 +199,19 @@ class ModeldClient:
         """``{"role", "model_id", "model", "fallbacks"}``; nothing usable → ModeldError 503."""
         params: _Params = [("role", role)] if role else []
         params.extend(("capability", tag) for tag in capabilities)
-        return await self._json("GET", f"{API}/resolve", params=params)
+        return await self._json(*_route("resolve"), params=params)
 
     async def status(self) -> dict[str, Any]:
         """Version, uptime, config path, counts, last sweep."""
-        return await self._json("GET", f"{API}/status")
+        return await self._json(*_route("status"))
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the configuration, as SIGHUP does."""
-        return await self._json("POST", f"{API}/reload", body={})
+        return await self._json(*_route("reload"), body={})
 
     async def metrics(self) -> str:
         """The Prometheus exposition text."""
-        response = await self._request("GET", "/metrics")
+        response = await self._request(*_route("metrics"))
         return response.text
 
     async def events(
@@ -228,8 +230,7 @@ class ModeldClient:
         # An event stream may be quiet for hours: no read timeout while following.
         timeout = httpx.Timeout(self._http.timeout.connect, read=None) if follow else None
         request = self._http.build_request(
-            "GET",
-            f"{API}/events",
+            *_route("events"),
             params=params,
             timeout=timeout if timeout is not None else self._http.timeout,
         )

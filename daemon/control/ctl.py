@@ -19,7 +19,8 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn, TextIO
-from urllib.parse import quote, urlencode
+
+from . import routes
 
 DEFAULT_SOCKET = "/run/modeld/control.sock"
 EXIT_OK = 0
@@ -29,7 +30,6 @@ EXIT_UNREACHABLE = 3
 
 REQUEST_TIMEOUT = 60.0  # evaluate runs a probe; everything else answers at once
 
-API = "/api/v1"
 
 
 # ----------------------------------------------------------------------------- transport
@@ -420,24 +420,26 @@ def _emit(args: argparse.Namespace, out: TextIO, document: Any, human: Callable[
     return EXIT_OK
 
 
-def _model_path(model_id: str, suffix: str = "") -> str:
-    return f"{API}/models/{quote(model_id, safe='')}{suffix}"
+def _route(name: str, **params: str) -> tuple[str, str]:
+    """The method and path of a control route (:mod:`daemon.control.routes`)."""
+    route = routes.BY_NAME[name]
+    return route.method, route.path(**params)
 
 
 def cmd_status(args: argparse.Namespace, client: Client, out: TextIO) -> int:
-    return _emit(args, out, client.call("GET", f"{API}/status"), format_fields)
+    return _emit(args, out, client.call(*_route("status")), format_fields)
 
 
 def cmd_list(args: argparse.Namespace, client: Client, out: TextIO) -> int:
-    return _emit(args, out, client.call("GET", f"{API}/models/"), format_models)
+    return _emit(args, out, client.call(*_route("list_models")), format_models)
 
 
 def cmd_show(args: argparse.Namespace, client: Client, out: TextIO) -> int:
-    return _emit(args, out, client.call("GET", _model_path(args.model_id)), format_fields)
+    return _emit(args, out, client.call(*_route("show", model_id=args.model_id)), format_fields)
 
 
 def cmd_evaluate(args: argparse.Namespace, client: Client, out: TextIO) -> int:
-    document = client.call("POST", _model_path(args.model_id, "/evaluate"), {})
+    document = client.call(*_route("evaluate", model_id=args.model_id), {})
     return _emit(args, out, document, format_fields)
 
 
@@ -445,26 +447,26 @@ def cmd_promote(args: argparse.Namespace, client: Client, out: TextIO) -> int:
     body: dict[str, Any] = {"model_id": args.model_id}
     if args.force:
         body["force"] = True
-    return _emit(args, out, client.call("POST", f"{API}/models/promote", body), format_changes)
+    return _emit(args, out, client.call(*_route("promote"), body), format_changes)
 
 
 def cmd_rollback(args: argparse.Namespace, client: Client, out: TextIO) -> int:
     body = {"role": args.role} if args.role else {}
-    return _emit(args, out, client.call("POST", f"{API}/models/rollback", body), format_changes)
+    return _emit(args, out, client.call(*_route("rollback"), body), format_changes)
 
 
 def cmd_upgrade(args: argparse.Namespace, client: Client, out: TextIO) -> int:
-    document = client.call("POST", f"{API}/models/auto-upgrade/{args.action}", {})
+    document = client.call(*_route(f"upgrade_{args.action}"), {})
     human = format_suggestions if args.action == "check" else format_changes
     return _emit(args, out, document, human)
 
 
 def cmd_offline(args: argparse.Namespace, client: Client, out: TextIO) -> int:
     if args.state == "status":
-        document = client.call("GET", f"{API}/models/offline-mode/status")
+        document = client.call(*_route("offline_status"))
     else:
         body = {"enabled": args.state == "on"}
-        document = client.call("POST", f"{API}/models/offline-mode", body)
+        document = client.call(*_route("set_offline"), body)
     return _emit(args, out, document, format_offline)
 
 
@@ -473,7 +475,7 @@ def cmd_resolve(args: argparse.Namespace, client: Client, out: TextIO) -> int:
     if args.role:
         query.append(("role", args.role))
     query.extend(("capability", tag) for tag in args.capability or ())
-    path = f"{API}/resolve" + (f"?{urlencode(query)}" if query else "")
+    path = routes.path("resolve", query)
     return _emit(args, out, client.call("GET", path), format_resolve)
 
 
@@ -483,7 +485,7 @@ def cmd_events(args: argparse.Namespace, client: Client, out: TextIO) -> int:
         query.append(("follow", "1"))
     if args.since is not None:
         query.append(("since", str(args.since)))
-    path = f"{API}/events" + (f"?{urlencode(query)}" if query else "")
+    path = routes.path("events", query)
     last = ""
     for line in client.stream_lines(path):
         text = line.decode("utf-8", "replace").rstrip("\r\n")
@@ -503,7 +505,7 @@ def cmd_events(args: argparse.Namespace, client: Client, out: TextIO) -> int:
 
 
 def cmd_reload(args: argparse.Namespace, client: Client, out: TextIO) -> int:
-    return _emit(args, out, client.call("POST", f"{API}/reload", {}), format_fields)
+    return _emit(args, out, client.call(*_route("reload"), {}), format_fields)
 
 
 # ----------------------------------------------------------------------------- parsing
