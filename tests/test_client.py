@@ -11,14 +11,9 @@ import anyio
 import pytest
 
 from daemon.control.client import ModeldClient, ModeldError, ModeldUnreachable
-from daemon.control.server import (
-    HTTPError,
-    HTTPServer,
-    Request,
-    Response,
-    StreamingResponse,
-    create_unix_listener,
-)
+from daemon.control.listeners import create_unix_listener
+from daemon.control.messages import HTTPError, Request, Response, StreamingResponse
+from daemon.control.server import HTTPServer
 
 
 @pytest.fixture

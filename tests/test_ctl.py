@@ -19,15 +19,9 @@ import anyio.from_thread
 import pytest
 
 from daemon.control import ctl
-from daemon.control.server import (
-    HTTPError,
-    HTTPServer,
-    Limits,
-    Request,
-    Response,
-    StreamingResponse,
-    create_unix_listener,
-)
+from daemon.control.listeners import create_unix_listener
+from daemon.control.messages import HTTPError, Limits, Request, Response, StreamingResponse
+from daemon.control.server import HTTPServer
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -26,20 +26,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.control.server import (
-    HTTPError,
-    HTTPServer,
-    Limits,
-    Peer,
-    Request,
-    Response,
+from daemon.control.listeners import (
     SocketInUseError,
-    StreamingResponse,
     _bind_unix_socket,
     create_tcp_listener,
     create_unix_listener,
     unix_listener_from_fd,
 )
+from daemon.control.messages import HTTPError, Limits, Peer, Request, Response, StreamingResponse
+from daemon.control.server import HTTPServer
 
 
 @pytest.fixture

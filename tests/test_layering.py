@@ -69,7 +69,7 @@ def test_core_module_is_pure(path: Path) -> None:
     "import socket",
     "from os import path",
     "from ..config import load_config",
-    "from ..service.supervisor import Daemon",
+    "from ..service.lifecycle import Daemon",
     "from daemon.persist import store",
     "async def f():\n    pass",
 ])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from daemon.control import api
+from daemon.control import routes
 from daemon.core.registry import ModelRegistry
 from daemon.core.settings import Config
 from daemon.docs import render_readme
@@ -32,11 +32,13 @@ def test_quick_start_has_the_two_commands() -> None:
 
 
 def test_every_route_is_documented_with_a_curl_example() -> None:
-    for route in api._ROUTES:
-        assert f"`GET {route}" in README or f"`POST {route}" in README or route in README, route
-        assert re.search(rf"curl --unix-socket \$S .*http://modeld{re.escape(route)}", README) \
-            or route == "/api/v1/models", route
-    assert "http://modeld/api/v1/models/" in README
+    for route in routes.ROUTES:
+        template = route.template
+        assert f"`{route.method} {template}" in README, template
+        # a curl example with the params filled in: {model_id} stands for any id
+        example = re.escape(template).replace(r"\{model_id\}", r"[\w.:-]+").replace(
+            r"\{role\}", r"[\w.:-]+")
+        assert re.search(rf"curl --unix-socket \$S .*http://modeld{example}", README), template
 
 
 def test_every_metric_is_documented() -> None:

@@ -19,8 +19,8 @@ from ..config import ConfigError
 from ..core.model import Event, ProbeResult
 from ..core.registry import ModelRegistry, NoUsableModel, RegistryError
 from . import routes
+from .messages import HTTPError, Peer, Request, Response, StreamingResponse
 from .routes import API
-from .server import HTTPError, Peer, Request, Response, StreamingResponse
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 RESOLVE_CACHE_SIZE = 256  # distinct (role, capabilities) questions remembered

@@ -7,7 +7,7 @@ responses, and a graceful shutdown. Routing lives in the handler (``daemon.contr
 
 Usage, from a supervisor::
 
-    listener = await create_unix_listener(cfg.daemon.socket, cfg.daemon.socket_mode)
+    listener = await create_unix_listener(cfg.daemon.socket, cfg.daemon.socket_mode)  # listeners.py
     server = HTTPServer(api.handle, Limits(max_connections=cfg.daemon.max_connections), log)
     await tg.start(server.serve, listener)
     ...
@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import errno
 import json as jsonlib
-import os
 import socket
-import stat
 import struct
-from collections.abc import AsyncIterable, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -36,166 +34,19 @@ import anyio.streams.stapled
 import h11
 import structlog
 
-__all__ = [
-    "HTTPError",
-    "HTTPServer",
-    "Handler",
-    "Limits",
-    "Peer",
-    "Request",
-    "Response",
-    "SocketInUseError",
-    "StreamingResponse",
-    "UnixListener",
-    "create_tcp_listener",
-    "create_unix_listener",
-    "error_body",
-    "peer_credentials",
-    "unix_listener_from_fd",
-]
+from .messages import (
+    Handler,
+    HTTPError,
+    Limits,
+    Peer,
+    Request,
+    Response,
+    StreamingResponse,
+    error_body,
+)
 
 _RECEIVE_SIZE = 65536
 SERVER_NAME = b"modeld"
-
-
-# ----------------------------------------------------------------------------- data types
-
-
-@dataclass(frozen=True, slots=True)
-class Peer:
-    """The process at the other end of a Unix socket, from ``SO_PEERCRED``."""
-
-    pid: int
-    uid: int
-    gid: int
-    #: supplementary groups at connect time (SO_PEERGROUPS); None where the kernel cannot say
-    groups: tuple[int, ...] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """What one client may cost the server."""
-
-    max_header_bytes: int = 16 * 1024  # request line + headers; more → 413
-    max_body_bytes: int = 1024 * 1024  # more → 413
-    read_timeout: float = 10.0  # a whole request must arrive within this → else 408 and close
-    keepalive_timeout: float = 30.0  # idle time between requests before the server closes
-    write_timeout: float = 10.0  # a client that stops reading is dropped after this
-    max_connections: int = 1024  # more → 503 and close
-
-
-class HTTPError(Exception):
-    """An error answer: rendered as ``{"error": {"code", "message", **extra}}`` with ``status``."""
-
-    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.extra = extra
-
-    def to_response(self, headers: Sequence[tuple[str, str]] = ()) -> Response:
-        """The JSON error response."""
-        return Response.json(
-            error_body(self.code, self.message, **self.extra), self.status, headers=headers
-        )
-
-    def __repr__(self) -> str:
-        return f"HTTPError({self.status}, {self.code!r}, {self.message!r})"
-
-
-def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
-    """The error document every route answers with: ``{"error": {"code", "message", ...}}``."""
-    return {"error": {"code": code, "message": message, **extra}}
-
-
-@dataclass(slots=True)
-class Request:
-    """One HTTP request, complete with its body (bodies are small and capped)."""
-
-    method: str
-    path: str  # percent-decoded, without the query string
-    query: dict[str, list[str]]
-    headers: list[tuple[str, str]]  # names lower-cased, in arrival order
-    body: bytes = b""
-    peer: Peer | None = None  # None over TCP
-    target: str = ""  # the raw request target, for logs
-
-    def header(self, name: str, default: str | None = None) -> str | None:
-        """The first value of header ``name`` (case-insensitive)."""
-        name = name.lower()
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return default
-
-    def query_one(self, name: str, default: str | None = None) -> str | None:
-        """The last value of query parameter ``name``."""
-        values = self.query.get(name)
-        return values[-1] if values else default
-
-    def json(self) -> Any:
-        """The body parsed as JSON; an empty body is ``{}``. Raises ``HTTPError(400)``."""
-        if not self.body.strip():
-            return {}
-        try:
-            return jsonlib.loads(self.body)
-        except UnicodeDecodeError as exc:
-            raise HTTPError(400, "invalid_json", f"request body is not UTF-8: {exc}") from exc
-        except ValueError as exc:
-            raise HTTPError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
-
-
-@dataclass(slots=True)
-class Response:
-    """A complete response."""
-
-    status: int = 200
-    body: bytes = b""
-    content_type: str = "text/plain; charset=utf-8"
-    headers: Sequence[tuple[str, str]] = ()
-
-    @classmethod
-    def json(cls, obj: Any, status: int = 200, headers: Sequence[tuple[str, str]] = ()) -> Response:
-        """Compact UTF-8 JSON, ``application/json``."""
-        body = jsonlib.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
-        return cls(status, body + b"\n", "application/json", headers)
-
-    @classmethod
-    def text(
-        cls,
-        text: str,
-        status: int = 200,
-        content_type: str = "text/plain; charset=utf-8",
-        headers: Sequence[tuple[str, str]] = (),
-    ) -> Response:
-        """A text response (``/metrics`` uses this with the Prometheus content type)."""
-        return cls(status, text.encode(), content_type, headers)
-
-
-@dataclass(slots=True)
-class StreamingResponse:
-    """A response whose body is sent chunk by chunk (chunked transfer encoding) as it comes.
-
-    The stream ends when ``chunks`` is exhausted, when the client goes away, or when the
-    server shuts down; the connection is closed after it. If ``chunks`` has ``aclose`` it is
-    called in every case, so an async generator's ``finally`` runs.
-    """
-
-    chunks: AsyncIterable[bytes]
-    status: int = 200
-    content_type: str = "application/x-ndjson"
-    headers: Sequence[tuple[str, str]] = ()
-
-
-Handler = Callable[[Request], Awaitable[Response | StreamingResponse]]
-
-
-def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
 
 
 def peer_credentials(stream: anyio.abc.ByteStream) -> Peer | None:
@@ -223,6 +74,13 @@ def _peer_groups(raw: socket.socket) -> tuple[int, ...] | None:
         return None
     count = len(data) // 4
     return tuple(struct.unpack(f"{count}I", data[: count * 4]))
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 # ----------------------------------------------------------------------------- the server
@@ -795,169 +653,3 @@ def _make_request(head: h11.Request, body: bytes, peer: Peer | None) -> Request:
     )
 
 
-# ----------------------------------------------------------------------------- listeners
-
-
-class SocketInUseError(OSError):
-    """A live socket, or something that is not a socket, is in the way."""
-
-
-class UnixListener(anyio.abc.Listener[anyio.abc.SocketStream]):
-    """An anyio socket listener on a Unix socket that removes its file when closed.
-
-    The file is removed only if it is still the one this listener created (same device and
-    inode): a successor that replaced it is left alone. Listeners from systemd socket
-    activation never remove the file (systemd owns it).
-    """
-
-    def __init__(
-        self, inner: anyio.abc.SocketListener, path: str, ident: tuple[int, int] | None
-    ) -> None:
-        self.inner = inner
-        self.path = path
-        self._ident = ident
-
-    async def accept(self) -> anyio.abc.SocketStream:
-        """The next connection."""
-        # Not self.inner.accept(): anyio's asyncio UNIXSocketListener has the same
-        # cancelled-waiter race as its receive() (see _receive), and shutdown cancels accept.
-        raw: socket.socket = self.inner.extra(anyio.abc.SocketAttribute.raw_socket)
-        await anyio.lowlevel.checkpoint()
-        while True:
-            try:
-                client, _ = raw.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                await anyio.wait_readable(raw)
-                continue
-            except OSError as exc:
-                if raw.fileno() == -1:
-                    raise anyio.ClosedResourceError from exc
-                raise
-            return await anyio.abc.UNIXSocketStream.from_socket(client)
-
-    async def serve(
-        self,
-        handler: Callable[[anyio.abc.SocketStream], Any],
-        task_group: anyio.abc.TaskGroup | None = None,
-    ) -> None:
-        """Accept forever, calling ``handler`` for each connection."""
-        await self.inner.serve(handler, task_group)
-
-    async def aclose(self) -> None:
-        """Close the socket and remove its file if it is still ours."""
-        await self.inner.aclose()
-        if self._ident is None:
-            return
-        ident, self._ident = self._ident, None
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return
-        if (st.st_dev, st.st_ino) == ident:
-            with suppress(FileNotFoundError):
-                os.unlink(self.path)
-
-    @property
-    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
-        return self.inner.extra_attributes
-
-
-def _clear_socket_path(path: str) -> None:
-    """Make way for a new socket at ``path``: remove a stale socket, refuse anything else."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise SocketInUseError(
-            errno.EEXIST,
-            f"{path} exists and is not a socket; refusing to replace it (move it away, or set "
-            "[daemon].socket to another path)",
-        )
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        # Nobody listens: a daemon that died without cleaning up. Safe to replace.
-        os.unlink(path)
-        return
-    except FileNotFoundError:
-        return
-    except TimeoutError:
-        # The backlog is full: a live but very busy listener.
-        pass
-    except OSError as exc:
-        raise SocketInUseError(
-            exc.errno or errno.EEXIST, f"cannot check the existing socket {path}: {exc}"
-        ) from exc
-    finally:
-        probe.close()
-    raise SocketInUseError(
-        errno.EADDRINUSE,
-        f"another process is listening on {path} (is another modeld running?); refusing to start",
-    )
-
-
-def _bind_unix_socket(path: str, mode: int) -> socket.socket:
-    """A Unix stream socket bound at ``path`` whose file has exactly ``mode``; not listening.
-
-    Linux takes a socket file's mode from the socket inode, masked by the umask, at bind().
-    So fchmod() before bind() under a umask that takes nothing from ``mode`` gives the file
-    exactly ``mode`` from the moment it exists; the chmod() after bind() is a second guard.
-    Nobody can connect before listen(). The umask is process-wide: this runs at start-up,
-    before the daemon starts any thread that creates files.
-    """
-    _clear_socket_path(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        os.fchmod(sock.fileno(), mode)
-        old_umask = os.umask(0o777 & ~mode)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, mode)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-async def create_unix_listener(path: str, mode: int = 0o660, backlog: int = 1024) -> UnixListener:
-    """A listener on a new Unix socket at ``path`` with permissions ``mode`` (set before listen).
-
-    Raises ``SocketInUseError`` if a live socket answers at ``path`` (another daemon runs) or
-    ``path`` is not a socket; a stale socket file is removed.
-    """
-    sock = _bind_unix_socket(path, mode)
-    try:
-        st = os.lstat(path)
-        sock.listen(backlog)
-        inner = await anyio.abc.SocketListener.from_socket(sock)
-    except BaseException:
-        sock.close()
-        with suppress(OSError):
-            os.unlink(path)
-        raise
-    return UnixListener(inner, path, (st.st_dev, st.st_ino))
-
-
-async def unix_listener_from_fd(fd: int) -> UnixListener:
-    """A listener on an inherited, already listening Unix socket (systemd ``LISTEN_FDS``)."""
-    sock = socket.socket(fileno=fd)
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-        sock.detach()
-        raise ValueError(f"file descriptor {fd} is not a Unix stream socket")
-    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        sock.detach()
-        raise ValueError(f"the Unix socket on file descriptor {fd} is not listening")
-    name = sock.getsockname()
-    path = name if isinstance(name, str) else name.decode(errors="replace")
-    inner = await anyio.abc.SocketListener.from_socket(sock)
-    return UnixListener(inner, path, None)
-
-
-async def create_tcp_listener(host: str, port: int) -> anyio.abc.Listener[Any]:
-    """A TCP listener (for ``metrics_listen``); ``port`` 0 picks a free port."""
-    return await anyio.create_tcp_listener(local_host=host, local_port=port)

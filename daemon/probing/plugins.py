@@ -14,7 +14,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,6 +24,7 @@ from typing import Any
 import pluggy
 import structlog
 
+from ..core.settings import Config
 from . import hookspecs
 from .context import Probe
 
@@ -322,3 +323,14 @@ def plugins_report(pm: pluggy.PluginManager) -> str:
         lines.append("")
         lines.append(f"{len(failures)} plugin(s) failed to load and were skipped.")
     return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def unknown_providers(config: Config, known: Mapping[str, Any]) -> list[str]:
+    """Errors for models whose provider no loaded plugin serves, naming the key path."""
+    names = ", ".join(sorted(known)) or "none"
+    return [
+        f"{config.path}: models[{i}].provider: no probe plugin named \"{spec.provider}\" "
+        f"(loaded: {names})"
+        for i, spec in enumerate(config.models)
+        if spec.provider not in known
+    ]

@@ -58,8 +58,7 @@ def cmd_check_config(path: str) -> int:
     config = _load_or_report(path)
     if config is None:
         return EX_CONFIG
-    from ..probing.plugins import PluginError, collect_probes, get_plugin_manager
-    from .supervisor import unknown_providers
+    from ..probing.plugins import PluginError, collect_probes, get_plugin_manager, unknown_providers
 
     try:
         probes = collect_probes(get_plugin_manager(config.daemon.plugin_dirs))
@@ -101,8 +100,8 @@ def cmd_plugins(path: str) -> int:
 def cmd_run(path: str) -> int:
     import anyio
 
+    from .lifecycle import Daemon
     from .logs import configure_logging, get_logger
-    from .supervisor import Daemon
 
     try:
         config = load_config(path)

@@ -44,7 +44,7 @@ from daemon.persist.store import StateStore
 from daemon.testing.harness import DaemonProcess, daemon_config, wait_for
 
 ENDPOINTS = 10
-IMPORTS = ("import time, daemon.service.supervisor, daemon.service.cli, plugins.openai, "
+IMPORTS = ("import time, daemon.service.lifecycle, daemon.service.cli, plugins.openai, "
            "plugins.ollama, plugins.local_file; print('ready', flush=True); time.sleep(3600)")
 
 

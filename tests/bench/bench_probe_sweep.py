@@ -1,7 +1,7 @@
 """Probe sweep: how long a sweep of every model takes, how many requests, how much CPU.
 
 The daemon's own scheduler, prober, probe plugins and registry run in this process (a
-``daemon.service.supervisor.Daemon`` whose scheduler is started without the control socket);
+``daemon.service.lifecycle.Daemon`` whose scheduler is started without the control socket);
 the fake upstreams run in a separate process (``fleet.py``). In-process, so that CPU time is the
 daemon's alone (``time.process_time`` of this process, which hosts nothing else while a sweep
 runs) and the baseline — a bare ``httpx`` GET loop — runs in the very same interpreter and
@@ -35,21 +35,22 @@ from common import FakeFleet, median, table, verdict, workdir, write_result
 
 from daemon.config import parse_config
 from daemon.core.model import ModelSpec, ProbeResult
+from daemon.service.lifecycle import Daemon
 from daemon.service.logs import configure_logging, get_logger
-from daemon.service.supervisor import Daemon
+from daemon.service.scheduler import ProbeScheduler
 
 LATENCY = 0.020
 MAX_CONCURRENT = 64
 
 
-class SweepDaemon(Daemon):
-    """A Daemon that says when a given number of probe results has been applied."""
+class SweepScheduler(ProbeScheduler):
+    """The daemon's scheduler, saying when a given number of probe results has been applied."""
 
     target = 0
     done: anyio.Event | None = None
 
-    def _apply(self, spec: ModelSpec, result: ProbeResult) -> None:
-        super()._apply(spec, result)
+    def apply(self, spec: ModelSpec, result: ProbeResult) -> None:
+        super().apply(spec, result)
         if self.probes_total >= self.target and self.done is not None:
             self.done.set()
 
@@ -122,14 +123,16 @@ async def bare_httpx(urls: list[str], total: int, concurrency: int) -> tuple[flo
     return cpu * 1000.0 / total, wall
 
 
-async def sweep(daemon: SweepDaemon, fleet: FakeFleet, models: int) -> Sweep:
-    daemon._next_due.clear()
-    daemon.target = daemon.probes_total + models
-    daemon.done = anyio.Event()
+async def sweep(daemon: Daemon, fleet: FakeFleet, models: int) -> Sweep:
+    scheduler = daemon.scheduler
+    assert isinstance(scheduler, SweepScheduler)
+    scheduler.next_due.clear()
+    scheduler.target = scheduler.probes_total + models
+    scheduler.done = anyio.Event()
     requests0 = fleet.total_requests()
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    daemon._reschedule.set()
-    await daemon.done.wait()
+    scheduler.reschedule.set()
+    await scheduler.done.wait()
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     requests = fleet.total_requests() - requests0
     healthy = daemon.registry.health_counts().get("healthy", 0)
@@ -147,17 +150,18 @@ async def run_case(name: str, endpoints: int, per_endpoint: int, warm_sweeps: in
         await baselines(result, fleet.urls, baseline_gets)
 
         config = make_config(str(work), fleet.urls, per_endpoint)
-        daemon = SweepDaemon(config, environ={}, log=get_logger("modeld"))
+        daemon = Daemon(config, environ={}, log=get_logger("modeld"))
+        scheduler = daemon.scheduler = SweepScheduler(daemon)
         daemon._load_plugins()
         daemon._load_state()
         try:
             async with anyio.create_task_group() as tg:
-                daemon.target = models
-                daemon.done = anyio.Event()
+                scheduler.target = models
+                scheduler.done = anyio.Event()
                 requests0 = fleet.total_requests()
                 cpu0, wall0 = time.process_time(), time.perf_counter()
-                tg.start_soon(daemon._scheduler)
-                await daemon.done.wait()
+                tg.start_soon(scheduler.run)
+                await scheduler.done.wait()
                 result.cold = Sweep(time.perf_counter() - wall0, time.process_time() - cpu0,
                                     fleet.total_requests() - requests0,
                                     daemon.registry.health_counts().get("healthy", 0))

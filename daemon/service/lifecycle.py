@@ -1,0 +1,365 @@
+"""The daemon's life: start (plugins, state, listeners), serve until told to stop, stop
+cleanly. One root task group holds everything that runs: the control server, the probe
+scheduler, the timers and the signal handler. This is the imperative shell around the pure
+core: it reads the clock, does the I/O and feeds results into the registry.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, MutableMapping
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import anyio
+import anyio.abc
+import httpx
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from .. import __version__
+from ..control.api import ControlAPI, StateNotSaved
+from ..control.auth import Authorizer
+from ..control.listeners import (
+    SocketInUseError,
+    create_tcp_listener,
+    create_unix_listener,
+    unix_listener_from_fd,
+)
+from ..control.messages import Limits, Peer
+from ..control.server import HTTPServer
+from ..core.model import Event, ProbeResult
+from ..core.registry import ModelRegistry
+from ..core.settings import Config
+from ..persist.codec import StateShapeError, check_state_shape, from_state
+from ..persist.store import StateError, StateLocked, StateStore
+from ..probing.context import make_http_client
+from ..probing.plugins import (
+    PluginError,
+    collect_probes,
+    get_plugin_manager,
+    unknown_providers,
+)
+from ..probing.prober import Prober
+from . import timers
+from .events import EventFanout
+from .logs import get_logger
+from .metrics import Metrics
+from .reload import reload
+from .saving import StateSaver
+from .scheduler import ProbeScheduler
+from .systemd import Notifier, listen_fds, status_line, watchdog_interval
+
+EX_OK = 0
+EX_CANTCREAT = 73  # the state or socket cannot be created/used
+EX_TEMPFAIL = 75  # another instance holds the state lock or the socket
+EX_CONFIG = 78
+
+
+class StartupError(Exception):
+    """The daemon cannot start; ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def offline_from_env(environ: Mapping[str, str]) -> bool | None:
+    """The value DAENA_OFFLINE_MODE forces (True/False), or None when unset or empty."""
+    raw = environ.get("DAENA_OFFLINE_MODE", "").strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    return None
+
+
+class Daemon:
+    """A running modeld: call ``await run()``; it returns the exit status."""
+
+    def __init__(self, config: Config, *, environ: MutableMapping[str, str] | None = None,
+                 log: Any = None) -> None:
+        self.config = config
+        self.config_path = config.path
+        self.environ = environ if environ is not None else os.environ
+        self.log = log if log is not None else get_logger("modeld")
+        self.notifier = Notifier.from_env(self.environ)
+        self.store = StateStore(config.daemon.state_file)
+        forced = offline_from_env(self.environ)
+        self.offline_forced_by_env = forced is not None
+        self._offline_override = forced
+        self.metrics = Metrics(lambda: self.registry)
+        self.registry: ModelRegistry = ModelRegistry(config, time.time())
+        self.started_at = time.time()
+        self._started_monotonic = time.monotonic()
+        self._reload_lock = anyio.Lock()
+        self._stop = anyio.Event()
+        self.authorizer = Authorizer(config.daemon.admin_group)
+        self.saver = StateSaver(self.store, lambda: self.registry, self.metrics, self.log)
+        self.events = EventFanout(self.log, self.metrics, lambda: self.pm)
+        self.scheduler = ProbeScheduler(self)
+        self.api = ControlAPI(self, self.log.bind(component="api"))
+        limits = Limits(max_connections=config.daemon.max_connections,
+                        read_timeout=config.daemon.request_timeout)
+        self.server = HTTPServer(self.api.handle, limits, self.log.bind(component="http"))
+        self.metrics_server = HTTPServer(self.api.handle_metrics_only,
+                                         Limits(max_connections=64),
+                                         self.log.bind(component="metrics"))
+        self.pm: Any = None
+        self.prober: Prober | None = None
+        self.client: httpx.AsyncClient | None = None
+        self.socket_path = config.daemon.socket
+
+    # ------------------------------------------------------------------ services for the API
+
+    def now(self) -> float:
+        return time.time()
+
+    def admin_check(self, peer: Peer | None) -> str | None:
+        """None when the peer may change things, else why it may not."""
+        return self.authorizer.check(peer)
+
+    async def persist(self) -> None:
+        """Write the state durably if it changed; raises StateNotSaved when the write fails."""
+        await self.saver.persist()
+
+    async def evaluate(self, model_id: str) -> ProbeResult:
+        """Probe one model now and fold the result in."""
+        spec = self.registry.entry(model_id).spec
+        assert self.prober is not None
+        result = await self.prober.run(spec)
+        self.scheduler.apply(spec, result)
+        return result
+
+    async def reload(self, actor: str = "signal") -> dict[str, Any]:
+        """Re-read the configuration (:func:`daemon.service.reload.reload`)."""
+        async with self._reload_lock:
+            self.notifier.reloading("reloading configuration")
+            try:
+                return await reload(self, actor)
+            finally:
+                # whatever happened, systemd must not be left thinking we are reloading
+                self.notifier.ready(self.status_line())
+
+    def status(self) -> dict[str, Any]:
+        registry = self.registry
+        last_write = self.saver.last_write
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "uptime_s": round(time.monotonic() - self._started_monotonic, 3),
+            "config_path": self.config_path,
+            "state_file": str(self.store.path),
+            "socket": self.socket_path,
+            "models": len(registry.models),
+            "health": registry.health_counts(),
+            "roles": {name: state.primary for name, state in sorted(registry.roles.items())},
+            "offline_mode": registry.offline_mode,
+            "forced_by_env": self.offline_forced_by_env,
+            "auto_execute": self.config.policy.auto_execute,
+            "last_sweep": {"last_probe_at": self.scheduler.last_probe_at,
+                           "probes_total": self.scheduler.probes_total,
+                           "requests_in_flight": self._requests_in_flight()},
+            "last_state_write": {"at": last_write.at, "ok": last_write.ok,
+                                 "error": last_write.error, "bytes": last_write.bytes,
+                                 "seconds": round(last_write.seconds, 6)},
+            "event_seq": registry.event_seq,
+            "summary": self.status_line(),
+        }
+
+    def _requests_in_flight(self) -> int:
+        return int(self.prober.limiter.borrowed_tokens) if self.prober is not None else 0
+
+    def metrics_text(self) -> bytes:
+        return self.metrics.render()
+
+    def subscribe(self) -> AbstractAsyncContextManager[MemoryObjectReceiveStream[Event]]:
+        return self.events.subscribe()
+
+    def status_line(self) -> str:
+        return status_line(self.registry.health_counts(), self.registry.offline_mode)
+
+    def stopping(self) -> bool:
+        """Whether shutdown has begun."""
+        return self._stop.is_set()
+
+    def stop(self) -> None:
+        """Begin a clean shutdown (as SIGTERM does)."""
+        self._stop.set()
+
+    # ------------------------------------------------------------------ start and stop
+
+    def _load_state(self) -> None:
+        try:
+            self.store.check_writable()
+            self.store.lock()
+        except StateLocked as exc:
+            raise StartupError(str(exc), EX_TEMPFAIL) from None
+        except StateError as exc:
+            raise StartupError(str(exc), EX_CANTCREAT) from None
+        try:
+            stale = self.store.remove_stale_temps()
+        except OSError as exc:
+            self.log.warning("state_temp_cleanup_failed", path=str(self.store.path),
+                             error=exc.strerror or str(exc))
+        else:
+            if stale:
+                self.log.warning("state_temp_removed", path=str(self.store.path), files=stale)
+        try:
+            loaded = self.store.load()
+        except StateError as exc:
+            raise StartupError(str(exc), EX_CANTCREAT) from None
+        if loaded.corrupt_copy:
+            self.log.error("state_corrupt", path=str(self.store.path), problem=loaded.problem,
+                           kept_as=loaded.corrupt_copy, action="starting from fresh state")
+        now = time.time()
+        if loaded.data is None:
+            self.registry = ModelRegistry(self.config, now,
+                                          offline_mode=bool(self._offline_override))
+            self.log.info("state_fresh", path=str(self.store.path))
+        else:
+            try:
+                problems = check_state_shape(loaded.data)
+                if problems:
+                    raise StateShapeError("; ".join(problems[:5]))
+                self.registry = from_state(
+                    self.config, loaded.data, now, offline_override=self._offline_override)
+            except StateShapeError as exc:
+                aside = self.store.set_aside(str(exc))
+                self.log.error("state_corrupt", path=str(self.store.path), problem=str(exc),
+                               kept_as=aside.corrupt_copy, action="starting from fresh state")
+                self.registry = ModelRegistry(self.config, now,
+                                              offline_mode=bool(self._offline_override))
+            else:
+                self.log.info("state_loaded", path=str(self.store.path),
+                              models=len(self.registry.models), migrated_from=loaded.migrated_from)
+        if self.offline_forced_by_env:
+            self.log.info("offline_mode_forced", enabled=self.registry.offline_mode,
+                          by="DAENA_OFFLINE_MODE")
+        self.registry.listeners.append(self.events)
+        self.scheduler.note_decisions_saved()
+
+    def _load_plugins(self) -> None:
+        try:
+            self.pm = get_plugin_manager(self.config.daemon.plugin_dirs, log=self.log)
+            probes = collect_probes(self.pm, self.log)
+        except PluginError as exc:
+            raise StartupError(f"plugins: {exc}", EX_CONFIG) from None
+        errors = unknown_providers(self.config, probes)
+        if errors:
+            raise StartupError("\n".join(errors), EX_CONFIG)
+        self.client = make_http_client(self.config.probe)
+        self.prober = Prober(probes, self.client, self.config.probe,
+                             self.log.bind(component="prober"))
+
+    async def _open_listener(self) -> anyio.abc.Listener[Any]:
+        try:
+            fds = listen_fds(self.environ)
+        except ValueError as exc:
+            raise StartupError(f"socket activation: {exc}", EX_CANTCREAT) from None
+        if fds:
+            try:
+                listener = await unix_listener_from_fd(fds[0])
+            except (OSError, ValueError) as exc:
+                raise StartupError(f"socket activation: {exc}", EX_CANTCREAT) from None
+            self.socket_path = listener.path
+            self.log.info("socket_inherited", fd=fds[0], path=listener.path)
+            return listener
+        path = self.config.daemon.socket
+        try:
+            listener = await create_unix_listener(path, self.config.daemon.socket_mode)
+        except SocketInUseError as exc:
+            raise StartupError(f"control socket {path}: {exc}", EX_TEMPFAIL) from None
+        except OSError as exc:
+            hint = ""
+            if not os.path.isdir(os.path.dirname(path) or "."):
+                hint = " (its directory does not exist; systemd: RuntimeDirectory=modeld)"
+            raise StartupError(f"control socket {path}: {exc.strerror or exc}{hint}",
+                               EX_CANTCREAT) from None
+        return listener
+
+    async def _open_metrics_listener(self) -> anyio.abc.Listener[Any] | None:
+        spec = self.config.daemon.metrics_listen
+        if not spec:
+            return None
+        host, _, port = spec.rpartition(":")
+        try:
+            return await create_tcp_listener(host.strip("[]"), int(port))
+        except OSError as exc:
+            raise StartupError(f"metrics_listen {spec}: {exc.strerror or exc}",
+                               EX_CANTCREAT) from None
+
+    async def run(self) -> int:
+        """Start, serve until SIGTERM/SIGINT, stop cleanly; returns the exit status."""
+        try:
+            self._load_plugins()
+            self._load_state()
+        except StartupError as exc:
+            self.log.error("startup_failed", error=str(exc), exit_code=exc.code)
+            await self._close_client()
+            self.store.unlock()
+            return exc.code
+        try:
+            return await self._serve()
+        finally:
+            await self._close_client()
+            self.store.unlock()
+
+    async def _close_client(self) -> None:
+        if self.client is not None:
+            with anyio.CancelScope(shield=True):
+                await self.client.aclose()
+
+    async def _serve(self) -> int:
+        try:
+            listener = await self._open_listener()
+            metrics_listener = await self._open_metrics_listener()
+        except StartupError as exc:
+            self.log.error("startup_failed", error=str(exc), exit_code=exc.code)
+            return exc.code
+        async with anyio.create_task_group() as root:
+            await root.start(timers.signals, self)
+            await root.start(self.server.serve, listener)
+            if metrics_listener is not None:
+                await root.start(self.metrics_server.serve, metrics_listener)
+            try:
+                await self.persist()
+            except StateNotSaved as exc:
+                self.log.error("startup_failed", error=f"cannot write state: {exc}",
+                               exit_code=EX_CANTCREAT)
+                await self._shutdown_servers(0.0)
+                root.cancel_scope.cancel()
+                return EX_CANTCREAT
+            async with anyio.create_task_group() as workers:
+                workers.start_soon(self.scheduler.run)
+                workers.start_soon(timers.policy_timer, self)
+                workers.start_soon(timers.flusher, self)
+                workers.start_soon(timers.status_updater, self)
+                watchdog = watchdog_interval(self.environ)
+                if watchdog:
+                    workers.start_soon(timers.watchdog, self, watchdog)
+                self.log.info("daemon_started", version=__version__, pid=os.getpid(),
+                              socket=self.socket_path, state_file=str(self.store.path),
+                              config=self.config_path, models=len(self.registry.models),
+                              offline_mode=self.registry.offline_mode)
+                self.notifier.ready(self.status_line())
+                await self._stop.wait()
+                self.notifier.stopping("stopping")
+                workers.cancel_scope.cancel()
+            await self._shutdown_servers(self.config.daemon.shutdown_grace)
+            with anyio.CancelScope(shield=True):
+                self.events.close_all()
+                try:
+                    await self.persist()
+                except StateNotSaved:
+                    self.log.error("final_flush_failed", path=str(self.store.path))
+            root.cancel_scope.cancel()
+        self.log.info("daemon_stopped", probes_total=self.scheduler.probes_total)
+        return EX_OK
+
+    async def _shutdown_servers(self, grace: float) -> None:
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.server.shutdown, grace)
+                tg.start_soon(self.metrics_server.shutdown, min(grace, 1.0))

@@ -1,0 +1,61 @@
+"""Reloading the configuration (SIGHUP, ``POST /api/v1/reload``): models added, removed or
+changed without losing the state of the unchanged ones; a bad new configuration is rejected
+and the old one kept."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ..config import ConfigError, load_config
+from ..control.auth import Authorizer
+from ..probing.plugins import unknown_providers
+
+if TYPE_CHECKING:
+    from .lifecycle import Daemon
+
+#: [daemon] keys that only take effect on restart.
+RESTART_KEYS = ("state_file", "socket", "socket_mode", "plugin_dirs", "metrics_listen",
+                "log_format", "max_connections", "request_timeout")
+
+
+async def reload(daemon: Daemon, actor: str) -> dict[str, Any]:
+    """Re-read the configuration. Raises ConfigError, keeping the old one, when the new one
+    is invalid; StateNotSaved when it took effect but could not be written."""
+    try:
+        new = await anyio.to_thread.run_sync(load_config, daemon.config_path)
+        errors = unknown_providers(new, daemon.prober.probes if daemon.prober else {})
+        if errors:
+            raise ConfigError(errors)
+    except ConfigError as exc:
+        daemon.log.error("config_reload_failed", path=daemon.config_path, actor=actor,
+                         errors=exc.errors)
+        raise
+    except Exception as exc:  # a config that breaks the loader is a rejected config
+        daemon.log.exception("config_reload_failed", path=daemon.config_path, actor=actor)
+        raise ConfigError([f"{daemon.config_path}: cannot load: {exc!r}"]) from exc
+    restart = [f"daemon.{key}" for key in RESTART_KEYS
+               if getattr(new.daemon, key) != getattr(daemon.config.daemon, key)]
+    if new.probe.max_concurrent != daemon.config.probe.max_concurrent:
+        # the HTTP client's connection pool is sized at start; keep the limiter matching
+        restart.append("probe.max_concurrent")
+        new = replace(new, probe=replace(new.probe,
+                                         max_concurrent=daemon.config.probe.max_concurrent))
+    diff = daemon.registry.apply_config(new, time.time(), actor=actor)
+    daemon.config = new
+    # look the admin group up again: it may have been created since
+    daemon.authorizer = Authorizer(new.daemon.admin_group)
+    if daemon.prober is not None:
+        daemon.prober.config = new.probe
+    for model_id in diff.removed:
+        daemon.scheduler.forget(model_id)
+    daemon.scheduler.reschedule.set()
+    daemon.log.info("config_reloaded", path=daemon.config_path, actor=actor,
+                    added=list(diff.added), removed=list(diff.removed),
+                    changed=list(diff.changed), restart_required=restart)
+    await daemon.saver.persist()  # a reload is a decision: durable before it is acknowledged
+    return {"added": list(diff.added), "removed": list(diff.removed),
+            "changed": list(diff.changed), "restart_required": restart}

@@ -1,0 +1,144 @@
+"""The probe scheduler: one loop per endpoint, every model probed on its interval (jittered),
+re-probed at the recheck pace while its verdict is open, and each result folded into the
+registry."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ..core.health import needs_recheck
+from ..core.model import ModelSpec, ProbeResult
+from ..probing.plugins import notify_observers
+
+if TYPE_CHECKING:
+    from .lifecycle import Daemon
+
+GROUP_SLACK = 0.05  # seconds: models of one endpoint due this close together share a tick
+
+
+class ProbeScheduler:
+    """Keeps every model of ``daemon``'s registry probed; ``run()`` until cancelled."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.next_due: dict[str, float] = {}
+        self.reschedule = anyio.Event()
+        self.probes_total = 0
+        self.last_probe_at: float | None = None
+        self.health_changed = False  # since the last STATUS= line
+        self._persisted_decisions = 0
+
+    def forget(self, model_id: str) -> None:
+        """Drop a model that a reload removed."""
+        self.next_due.pop(model_id, None)
+
+    def note_decisions_saved(self) -> None:
+        """The registry's decisions so far are durable (at start, after loading the state)."""
+        self._persisted_decisions = self.daemon.registry.decision_version
+
+    def apply(self, spec: ModelSpec, result: ProbeResult) -> None:
+        """Fold one probe result into the registry, with its metrics and observer calls."""
+        daemon = self.daemon
+        if spec.id not in daemon.registry.models:
+            return  # removed by a reload while the probe ran
+        self.probes_total += 1
+        self.last_probe_at = time.time()
+        daemon.metrics.probes.labels(spec.id, result.status.value).inc()
+        if result.latency_ms is not None:
+            daemon.metrics.probe_seconds.observe(result.latency_ms / 1000.0)
+        applied = daemon.registry.apply_probe(spec.id, result, time.time())
+        if applied.event is not None:
+            daemon.metrics.health_changes.labels(applied.new.value).inc()
+            if daemon.pm is not None:
+                notify_observers(daemon.pm, "modeld_health_changed", daemon.log, spec=spec,
+                                 old=applied.old, new=applied.new, result=result)
+            # counted and sent by the status timer: counting every model on every transition
+            # made a start with 10,000 models quadratic
+            self.health_changed = True
+
+    async def _probe(self, model_id: str, tick: float, jitter: float) -> None:
+        daemon = self.daemon
+        entry = daemon.registry.models.get(model_id)
+        if entry is None:
+            return
+        spec = entry.spec
+        interval = spec.interval or daemon.config.probe.interval
+        if not daemon.registry.eligible(entry):
+            daemon.registry.mark_not_probed(model_id, "not probed: offline")
+            self.next_due[model_id] = tick + interval * jitter
+            return
+        assert daemon.prober is not None
+        # no limiter here: the prober bounds upstream requests (max_concurrent), and a probe
+        # waiting on another's shared request must not hold a slot while it waits
+        result = await daemon.prober.run(spec)
+        self.apply(spec, result)
+        changed_decisions = daemon.registry.decision_version
+        entry = daemon.registry.models.get(model_id)
+        if entry is None:
+            return
+        if needs_recheck(entry.health):
+            self.next_due[model_id] = time.monotonic() + daemon.config.probe.recheck_interval
+        else:
+            self.next_due[model_id] = tick + interval * jitter
+        if changed_decisions != self._persisted_decisions:
+            # a probe triggered a decision (probation rollback): make it durable now
+            self._persisted_decisions = daemon.registry.decision_version
+            await daemon.saver.persist_quietly()
+
+    async def _group_loop(self, model_ids: list[str]) -> None:
+        """Probe the models behind one endpoint on shared ticks, so their requests coalesce.
+
+        A probe still running does not hold the others back: a deep probe or a long
+        per-model timeout must not slow its neighbours' rechecks after a failure.
+        """
+        in_flight: set[str] = set()
+        wake = anyio.Event()
+        waiting_until = math.inf
+
+        async def probe(model_id: str, tick: float, jitter: float) -> None:
+            try:
+                await self._probe(model_id, tick, jitter)
+            finally:
+                in_flight.discard(model_id)
+                # wake the loop only when this model is due sooner than it planned to wake:
+                # a sweep's models all finish due at the same time, and waking the loop for
+                # each of them would rescan the group once per model
+                if self.next_due.get(model_id, 0.0) < waiting_until:
+                    wake.set()
+
+        async with anyio.create_task_group() as tg:
+            while True:
+                wake = anyio.Event()
+                tick = time.monotonic()
+                due = [m for m in model_ids if m not in in_flight
+                       and self.next_due.get(m, 0.0) <= tick + GROUP_SLACK]
+                if due:
+                    jitter = random.uniform(0.9, 1.1)
+                    for model_id in due:
+                        in_flight.add(model_id)
+                        tg.start_soon(probe, model_id, tick, jitter)
+                waiting_until = min((self.next_due.get(m, tick) for m in model_ids
+                                     if m not in in_flight), default=math.inf)
+                with anyio.move_on_after(max(waiting_until - time.monotonic(), 0.0)):
+                    await wake.wait()
+
+    def _groups(self) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = {}
+        for model_id, entry in self.daemon.registry.models.items():
+            groups.setdefault(entry.spec.endpoint_key, []).append(model_id)
+        return groups
+
+    async def run(self) -> None:
+        """Run one loop per endpoint; start over with the new groups after a reload."""
+        while True:
+            self.reschedule = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                for model_ids in self._groups().values():
+                    tg.start_soon(self._group_loop, model_ids)
+                await self.reschedule.wait()
+                tg.cancel_scope.cancel()

@@ -1,0 +1,82 @@
+"""The daemon's timers and its signal handler: the policy tick, the state flush, systemd's
+STATUS= line and watchdog, and SIGTERM / SIGINT / SIGHUP."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.abc
+
+from ..config import ConfigError
+from ..control.api import StateNotSaved
+
+if TYPE_CHECKING:
+    from .lifecycle import Daemon
+
+STATUS_INTERVAL = 1.0  # seconds between STATUS= updates at most
+
+
+def policy_tick(daemon: Daemon) -> None:
+    """Check for upgrades; with auto_execute, act (cooldown per role)."""
+    now = time.time()
+    suggestions = daemon.registry.auto_upgrade_check(now)
+    daemon.registry.note_suggestions(suggestions, now)
+    if daemon.config.policy.auto_execute and suggestions:
+        daemon.registry.auto_upgrade_execute(now, actor="policy")
+
+
+async def policy_timer(daemon: Daemon) -> None:
+    """The auto-upgrade timer: a policy tick every ``policy.interval``, its decisions saved."""
+    while True:
+        await anyio.sleep(daemon.config.policy.interval)
+        policy_tick(daemon)
+        await daemon.saver.persist_quietly()
+
+
+async def flusher(daemon: Daemon) -> None:
+    """Save what probes changed, every ``state_flush_interval`` at most."""
+    while True:
+        await anyio.sleep(daemon.config.daemon.state_flush_interval)
+        if daemon.saver.dirty:
+            await daemon.saver.persist_quietly()
+
+
+async def status_updater(daemon: Daemon) -> None:
+    """Send systemd's STATUS= line when health changed, at most once a second."""
+    while True:
+        await anyio.sleep(STATUS_INTERVAL)
+        if daemon.scheduler.health_changed:
+            daemon.scheduler.health_changed = False
+            daemon.notifier.status(daemon.status_line())
+
+
+async def watchdog(daemon: Daemon, interval: float) -> None:
+    """``WATCHDOG=1`` every ``interval``; sent from the event loop itself, so a loop that is
+    stuck stops the pings."""
+    while True:
+        daemon.notifier.watchdog()
+        await anyio.sleep(interval)
+
+
+async def signals(
+    daemon: Daemon, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """Handle signals for the daemon's whole life, shutdown and final flush included: a
+    second SIGTERM must not skip the flush, one during start-up must not kill us."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as received:
+        task_status.started()
+        async for signum in received:
+            if daemon.stopping():
+                daemon.log.info("signal_ignored", signal=signal.Signals(signum).name,
+                                reason="already stopping")
+            elif signum == signal.SIGHUP:
+                # failures are logged by reload(); a signal has nobody to answer to
+                with contextlib.suppress(ConfigError, StateNotSaved):
+                    await daemon.reload(actor="SIGHUP")
+            else:
+                daemon.log.info("stop_requested", signal=signal.Signals(signum).name)
+                daemon.stop()
