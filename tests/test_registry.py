@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from daemon.config import parse_config
+from daemon.control.views import model_view
 from daemon.core.model import EventKind, HealthStatus, ProbeResult, ProbeStatus
 from daemon.core.registry import (
     ModelRegistry,
@@ -453,7 +454,7 @@ def test_set_offline_mode_emits_an_event_and_marks_remote_models_not_probed():
     assert registry.decision_version == decision + 1
     assert registry.models["cloud"].not_probed == "not probed: offline"
     assert registry.models["ollama"].not_probed == ""
-    assert registry.model_view("cloud")["eligible"] is False
+    assert model_view(registry, "cloud")["eligible"] is False
     assert registry.set_offline_mode(False, now=T0 + 2) is True
     assert registry.models["cloud"].not_probed == ""
     assert registry.events[-1].data["enabled"] is False
@@ -729,7 +730,7 @@ def test_apply_probe_records_the_last_probe_and_rescores():
         T0 + 1, True, 250.0)
     assert entry.last_probe.facts["loaded"] is True
     assert entry.score.total > 0
-    view = registry.model_view("a")
+    view = model_view(registry, "a")
     assert view["health_status"] == "healthy" and view["latency_estimate"] == 250.0
     assert view["last_probe"] == {"at": T0 + 1, "ok": True, "reason": "", "latency_ms": 250.0}
 

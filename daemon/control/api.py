@@ -21,6 +21,7 @@ from ..core.registry import ModelRegistry, NoUsableModel, RegistryError
 from . import routes
 from .messages import HTTPError, Peer, Request, Response, StreamingResponse
 from .routes import API
+from .views import model_view
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 RESOLVE_CACHE_SIZE = 256  # distinct (role, capabilities) questions remembered
@@ -164,12 +165,12 @@ class ControlAPI:
     async def list_models(self, request: Request, params: dict[str, str]) -> Response:
         registry = self.daemon.registry
         return Response.json({
-            "models": [registry.model_view(m) for m in registry.models],
+            "models": [model_view(registry, m) for m in registry.models],
             "offline_mode": registry.offline_mode,
         })
 
     async def show(self, request: Request, params: dict[str, str]) -> Response:
-        return Response.json(self.daemon.registry.model_view(params["model_id"], detail=True))
+        return Response.json(model_view(self.daemon.registry, params["model_id"], detail=True))
 
     async def offline_status(self, request: Request, params: dict[str, str]) -> Response:
         return Response.json({"offline_mode": self.daemon.registry.offline_mode,
@@ -191,7 +192,7 @@ class ControlAPI:
         response = Response.json({
             "role": answer.role,
             "model_id": answer.model_id,
-            "model": registry.model_view(answer.model_id),
+            "model": model_view(registry, answer.model_id),
             "fallbacks": list(answer.fallbacks),
         })
         if len(self._resolved) >= RESOLVE_CACHE_SIZE:
@@ -253,7 +254,7 @@ class ControlAPI:
         registry.entry(model_id)  # 404 before any probing
         result = await self.daemon.evaluate(model_id)
         await self._persist()
-        view = registry.model_view(model_id, detail=True)
+        view = model_view(registry, model_id, detail=True)
         return Response.json({"model_id": model_id, "result": result.to_json(),
                               "score": view["score"], "score_parts": view["score_parts"],
                               "health_status": view["health_status"], "model": view})

@@ -136,7 +136,6 @@ class Change:
     from_id: str | None
     to_id: str | None
     reason: str
-    action: str = "promote"  # promote | rollback
 
     def to_json(self) -> dict[str, Any]:
         return {"role": self.role, "from": self.from_id, "to": self.to_id, "reason": self.reason}
@@ -560,7 +559,7 @@ class ModelRegistry:
                    from_id=current, to_id=restored, reason=reason, actor=actor)
         if current is not None and current in self.models:
             self.quarantine(current, now=now, reason=f"rolled back: {reason}")
-        return [Change(role_name, current, restored, reason, action="rollback")]
+        return [Change(role_name, current, restored, reason)]
 
     def quarantine(self, model_id: str, *, now: float, reason: str) -> None:
         """Keep a model from automatic promotion for ``policy.quarantine`` seconds."""
@@ -699,57 +698,7 @@ class ModelRegistry:
             role.promoted_automatically = False
             self._record(role, HistoryEntry(now, "removed", model_id, None, reason, actor))
 
-    # --------------------------------------------------------------- views
-
-    def model_view(self, model_id: str, *, detail: bool = False) -> dict[str, Any]:
-        """A model as the API shows it: spec and observed state merged, seed names kept."""
-        entry = self.entry(model_id)
-        spec = entry.spec
-        health = entry.health
-        latency = health.p50 if health.p50 is not None else spec.latency_estimate
-        last = entry.last_probe
-        view: dict[str, Any] = {
-            "id": spec.id,
-            "role": spec.role,
-            "provider": spec.provider,
-            "primary": self.is_primary(spec.id),
-            "local": spec.local,
-            "capability_tags": list(spec.capability_tags),
-            "cost_estimate": spec.cost_estimate,
-            "latency_estimate": round(latency, 3),
-            "health_status": health.status.value,
-            "score": round(entry.score.total, 6),
-            "retired": entry.retired,
-            "local_path": spec.local_path,
-            "last_probe": None if last is None else {
-                "at": last.at, "ok": last.ok, "reason": last.reason,
-                "latency_ms": None if last.latency_ms is None else round(last.latency_ms, 3),
-            },
-            "model": spec.upstream_name,
-            "endpoint": spec.endpoint,
-            "quality": spec.quality,
-            "eligible": self.eligible(entry),
-            "not_probed": entry.not_probed,
-            "quarantined_until": self.quarantined_until.get(spec.id),
-        }
-        if detail:
-            view["score_parts"] = entry.score.to_json()
-            view["health"] = {
-                "status": health.status.value,
-                "consecutive_successes": health.consecutive_successes,
-                "consecutive_failures": health.consecutive_failures,
-                "success_rate": round(health.success_rate, 6),
-                "latency_p50_ms": health.p50,
-                "latency_p95_ms": health.p95,
-                "probes_total": health.probes_total,
-                "failures_total": health.failures_total,
-                "changed_at": health.changed_at,
-            }
-            view["recent_probes"] = [r.to_json() for r in reversed(entry.recent)]
-            view["capabilities"] = list(spec.capability_tags)
-            view["deep"] = spec.deep
-            view["api_key_env"] = spec.api_key_env
-        return view
+    # --------------------------------------------------------------- queries
 
     def health_counts(self) -> dict[str, int]:
         """How many models are in each health status."""
@@ -757,16 +706,6 @@ class ModelRegistry:
         for entry in self.models.values():
             counts[entry.health.status.value] += 1
         return counts
-
-    def role_view(self, role_name: str) -> dict[str, Any]:
-        role = self.roles[role_name]
-        return {
-            "primary": role.primary,
-            "promoted_at": role.promoted_at,
-            "promoted_automatically": role.promoted_automatically,
-            "rollback_depth": len(role.stack),
-            "history": [h.to_json() for h in role.history[-20:]],
-        }
 
 
 def _sane(result: ProbeResult) -> ProbeResult:

@@ -52,14 +52,19 @@ class ScoreParts:
 ZERO = ScoreParts(total=0.0, reason="not probed yet")
 
 
+def expected_latency_ms(spec: ModelSpec, health: HealthState) -> float:
+    """The latency to expect of a model: the median of its probes in the window once it has
+    been measured, the configured prior (``latency_estimate``) until then."""
+    return health.p50 if health.p50 is not None else spec.latency_estimate
+
+
 def score(spec: ModelSpec, health: HealthState, config: ScoreConfig) -> ScoreParts:
     """The model's score from its health, measured latency, cost and quality prior."""
     weights = config.normalised()
     if not health.status.usable:
         return ScoreParts(total=0.0, weights=weights, reason=f"health is {health.status.value}")
     health_part = _HEALTH_VALUE[health.status] * health.success_rate
-    latency_ms = health.p50 if health.p50 is not None else spec.latency_estimate
-    latency_ms = max(latency_ms, 0.0)
+    latency_ms = max(expected_latency_ms(spec, health), 0.0)
     latency_part = config.latency_target_ms / (config.latency_target_ms + latency_ms)
     cost_part = 1.0 - min(max(spec.cost_estimate, 0.0) / config.cost_ceiling, 1.0)
     quality_part = min(max(spec.quality, 0.0), 1.0)

@@ -1,10 +1,11 @@
 """Plugin loading: built-ins, entry points and drop-in files, through one path, never fatal.
 
-:func:`get_plugin_manager` is called once at start (and on reload); importing this module does
-nothing. The order is: the built-in modules of ``plugins/``, then the entry points of group
-``modeld`` (each load wrapped: a broken distribution is logged with its name and skipped), then
-``*.py`` files from the ``plugin_dirs`` in sorted order (a file that fails to import is logged
-and skipped). Where each plugin came from is kept for ``modeld plugins``.
+:func:`get_plugin_manager` is called once at start (a reload does not reload plugins);
+importing this module does nothing. The order is: the built-in modules of ``plugins/``, then
+the entry points of group ``modeld`` (each load wrapped: a broken distribution is logged
+with its name and skipped), then ``*.py`` files from the ``plugin_dirs`` in sorted order (a
+file that fails to import is logged and skipped). Where each plugin came from is kept for
+``modeld plugins``.
 """
 
 from __future__ import annotations

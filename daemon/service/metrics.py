@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 
 from ..core.model import HealthStatus
 from ..core.registry import ModelRegistry
+from ..core.scoring import expected_latency_ms
 
 
 class _RegistryCollector(Collector):
@@ -47,9 +48,7 @@ class _RegistryCollector(Collector):
                 health.add_metric([model_id, role, status.value],
                                   1.0 if entry.health.status is status else 0.0)
             score.add_metric([model_id, role], entry.score.total)
-            p50 = entry.health.p50
-            latency.add_metric([model_id, role],
-                               p50 if p50 is not None else entry.spec.latency_estimate)
+            latency.add_metric([model_id, role], expected_latency_ms(entry.spec, entry.health))
             retired.add_metric([model_id, role], 1.0 if entry.retired else 0.0)
         for role_name, state in registry.roles.items():
             if state.primary is not None:

@@ -1,8 +1,8 @@
 """A modeld probe plugin for any server with a plain ``GET /health`` (vLLM, TGI, llama.cpp).
 
 Install: copy this file into a directory listed in ``[daemon].plugin_dirs`` (by default
-``/etc/modeld/plugins.d``), restart or reload modeld, and check ``modeld plugins``. Then
-declare models with ``provider = "http_health"``:
+``/etc/modeld/plugins.d``), restart modeld (a reload does not load plugins), and check
+``modeld plugins``. Then declare models with ``provider = "http_health"``:
 
     [[models]]
     id = "qwen2.5-7b"
