@@ -32,6 +32,7 @@ class ProbeScheduler:
         self.last_probe_at: float | None = None
         self.health_changed = False  # since the last STATUS= line
         self._persisted_decisions = 0
+        self._wakers: dict[str, anyio.Event] = {}  # endpoint key -> its loop's wake-up
 
     def forget(self, model_id: str) -> None:
         """Drop a model that a reload removed."""
@@ -60,6 +61,21 @@ class ProbeScheduler:
             # counted and sent by the status timer: counting every model on every transition
             # made a start with 10,000 models quadratic
             self.health_changed = True
+
+    def observe(self, model_id: str, result: ProbeResult) -> None:
+        """Fold in an outcome seen outside the probes (a real request through the front door,
+        or an application's report). A failure starts the rechecks at once, so the first
+        failed request, not the next scheduled probe, moves the verdict for everyone."""
+        entry = self.daemon.registry.models.get(model_id)
+        if entry is None:
+            return
+        self.apply(entry.spec, result)
+        entry = self.daemon.registry.models.get(model_id)
+        if entry is not None and not result.ok and needs_recheck(entry.health):
+            self.next_due[model_id] = time.monotonic()
+            waker = self._wakers.get(entry.spec.endpoint_key)
+            if waker is not None:
+                waker.set()
 
     async def _probe(self, model_id: str, tick: float, jitter: float) -> None:
         daemon = self.daemon
@@ -90,7 +106,7 @@ class ProbeScheduler:
             self._persisted_decisions = daemon.registry.decision_version
             await daemon.saver.persist_quietly()
 
-    async def _group_loop(self, model_ids: list[str]) -> None:
+    async def _group_loop(self, key: str, model_ids: list[str]) -> None:
         """Probe the models behind one endpoint on shared ticks, so their requests coalesce.
 
         A probe still running does not hold the others back: a deep probe or a long
@@ -113,7 +129,7 @@ class ProbeScheduler:
 
         async with anyio.create_task_group() as tg:
             while True:
-                wake = anyio.Event()
+                wake = self._wakers[key] = anyio.Event()
                 tick = time.monotonic()
                 due = [m for m in model_ids if m not in in_flight
                        and self.next_due.get(m, 0.0) <= tick + GROUP_SLACK]
@@ -138,7 +154,8 @@ class ProbeScheduler:
         while True:
             self.reschedule = anyio.Event()
             async with anyio.create_task_group() as tg:
-                for model_ids in self._groups().values():
-                    tg.start_soon(self._group_loop, model_ids)
+                self._wakers.clear()
+                for key, model_ids in self._groups().items():
+                    tg.start_soon(self._group_loop, key, model_ids)
                 await self.reschedule.wait()
                 tg.cancel_scope.cancel()
