@@ -53,16 +53,23 @@ def config_reference() -> str:
     return "\n".join(lines)
 
 
-EXAMPLE_PLUGIN = Path("examples/plugins/http_health.py")
-PLUGIN_START = ("<!-- example-plugin:start (examples/plugins/http_health.py; "
-                "a test keeps this identical) -->")
-PLUGIN_END = "<!-- example-plugin:end -->"
+#: The README's quoted files: (path, marker name). A test keeps each block identical.
+QUOTED = (
+    (Path("examples/plugins/http_health.py"), "example-plugin"),
+    (Path("examples/plugin_tests/test_http_health.py"), "example-plugin-test"),
+)
 
 
-def example_plugin_block(root: Path) -> str:
-    """The example plugin as a fenced block, markers included."""
-    code = (root / EXAMPLE_PLUGIN).read_text().rstrip("\n")
-    return f"{PLUGIN_START}\n```python\n{code}\n```\n{PLUGIN_END}"
+def _markers(path: Path, name: str) -> tuple[str, str]:
+    return (f"<!-- {name}:start ({path}; a test keeps this identical) -->",
+            f"<!-- {name}:end -->")
+
+
+def quoted_block(root: Path, path: Path, name: str) -> str:
+    """A quoted file as a fenced block, markers included."""
+    start, end = _markers(path, name)
+    code = (root / path).read_text().rstrip("\n")
+    return f"{start}\n```python\n{code}\n```\n{end}"
 
 
 def _replace_block(text: str, start: str, end: str, block: str) -> str:
@@ -78,7 +85,9 @@ def _replace_block(text: str, start: str, end: str, block: str) -> str:
 def render_readme(text: str, root: Path) -> str:
     """The README with its generated blocks brought up to date."""
     text = _replace_block(text, START, END, config_reference())
-    return _replace_block(text, PLUGIN_START, PLUGIN_END, example_plugin_block(root))
+    for path, name in QUOTED:
+        text = _replace_block(text, *_markers(path, name), quoted_block(root, path, name))
+    return text
 
 
 def main(argv: list[str]) -> int:
