@@ -555,7 +555,8 @@ def test_daemon_answering_garbage_exits_3(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- start-up cost
 
 
-HEAVY = ("anyio", "httpx", "httpcore", "structlog", "prometheus_client", "pydantic", "h11")
+HEAVY = ("anyio", "httpx", "httpcore", "structlog", "prometheus_client", "pydantic", "h11",
+         "inspect", "dataclasses", "email", "http")
 
 
 def test_modelctl_imports_nothing_heavy(stub: Stub) -> None:
