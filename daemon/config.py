@@ -12,7 +12,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -355,34 +355,69 @@ def is_loopback_url(url: str) -> bool:
         return False
 
 
-def _parse_model(raw: Any, index: int, out: _Collector) -> ModelSpec | None:
-    prefix = f"models[{index}]."
-    if not isinstance(raw, dict):
-        out.add(f"models[{index}]", "expected a table ([[models]])")
+def model_label(index: int, model_id: str | None = None) -> str:
+    """How messages name a model: ``models[2] (id "qwen")``, or ``models[2]`` when it has no
+    valid id to name it by."""
+    return f'models[{index}] (id "{model_id}")' if model_id else f"models[{index}]"
+
+
+def provider_error(label: str, provider: str, known: Collection[str]) -> str | None:
+    """The error (key path and what) for a provider no loaded plugin serves, else None."""
+    if provider in known:
         return None
+    names = ", ".join(sorted(known)) or "none"
+    return f'{label}.provider: no probe plugin named "{provider}" (loaded: {names})'
+
+
+@dataclass(frozen=True, slots=True)
+class _ParsedModel:
+    """One ``[[models]]`` table as far as it could be read: the spec when it is valid, and
+    the id and provider whenever those alone are, so that checks across models (duplicate
+    ids, unknown providers) still run on a file with other mistakes."""
+
+    spec: ModelSpec | None
+    label: str
+    model_id: str | None
+    provider: str | None
+
+
+def _parse_model(raw: Any, index: int, out: _Collector) -> _ParsedModel:
+    if not isinstance(raw, dict):
+        out.add(model_label(index), "expected a table ([[models]])")
+        return _ParsedModel(None, model_label(index), None, None)
+    raw_id, raw_provider = raw.get("id"), raw.get("provider")
+    model_id = raw_id if isinstance(raw_id, str) and _check_model_id(raw_id) is None else None
+    provider = raw_provider if isinstance(raw_provider, str) else None
+    label = model_label(index, model_id)
+    prefix = f"{label}."
     before = len(out.errors)
     values = _parse_table(raw, MODEL_FIELDS, prefix, out)
     for required in ("id", "provider"):
         if required not in raw:
             out.add(f"{prefix}{required}", "is required")
+
+    def missing(key: str) -> bool:  # unset or empty; a value already refused is not missing
+        return not values.get(key) and not (key in raw and key not in values)
+
+    if provider == "local_file" and missing("local_path"):
+        out.add(f"{prefix}local_path", 'is required for provider "local_file"')
+    if provider in HTTP_PROVIDERS and missing("endpoint"):
+        out.add(f"{prefix}endpoint", f'is required for provider "{provider}"')
     if len(out.errors) > before:
-        return None
+        return _ParsedModel(None, label, model_id, provider)
     values.setdefault("model", values["id"])
     if "local" not in values:
         values["local"] = bool(values.get("local_path")) or is_loopback_url(
             values.get("endpoint", "")
         )
-    if values["provider"] == "local_file" and not values.get("local_path"):
-        out.add(f"{prefix}local_path", 'is required for provider "local_file"')
-    if values["provider"] in HTTP_PROVIDERS and not values.get("endpoint"):
-        out.add(f"{prefix}endpoint", f'is required for provider "{values["provider"]}"')
-    if len(out.errors) > before:
-        return None
-    return replace(_MODEL_DEFAULTS, **values)
+    return _ParsedModel(replace(_MODEL_DEFAULTS, **values), label, model_id, provider)
 
 
-def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
-    """A Config from parsed TOML; raises ConfigError listing every problem found."""
+def parse_config(data: Mapping[str, Any], source: str = "<config>",
+                 known_providers: Collection[str] | None = None) -> Config:
+    """A Config from parsed TOML; raises ConfigError listing every problem found, in one go:
+    key and type errors, duplicate ids, conflicting primaries and, given
+    ``known_providers`` (the probes the plugins register), providers nobody serves."""
     out = _Collector(source)
     sections: dict[str, Any] = {}
     top_keys = [*SCHEMA, "models"]
@@ -411,21 +446,32 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         raw_models = []
     seen: dict[str, int] = {}
     primaries: dict[str, int] = {}
+    models_by_index: dict[int, str] = {}
     for index, raw in enumerate(raw_models):
-        spec = _parse_model(raw, index, out)
+        parsed = _parse_model(raw, index, out)
+        if known_providers is not None and parsed.provider is not None:
+            problem = provider_error(parsed.label, parsed.provider, known_providers)
+            if problem:
+                out.errors.append(f"{source}: {problem}")
+        if parsed.model_id is not None:
+            if parsed.model_id in seen:
+                first = seen[parsed.model_id]
+                out.add(f"models[{index}].id", f'duplicate model id "{parsed.model_id}" '
+                        f"(first declared at models[{first}])")
+                continue
+            seen[parsed.model_id] = index
+        spec = parsed.spec
         if spec is None:
             continue
-        if spec.id in seen:
-            out.add(f"models[{index}].id", f'duplicate model id "{spec.id}" '
-                    f"(first declared at models[{seen[spec.id]}])")
-            continue
-        seen[spec.id] = index
         if spec.primary:
             if spec.role in primaries:
-                out.add(f"models[{index}].primary", f'role "{spec.role}" already has a primary '
-                        f"(models[{primaries[spec.role]}]); only one primary = true per role")
+                first = primaries[spec.role]
+                out.add(f"{parsed.label}.primary", f'role "{spec.role}" already has a primary '
+                        f"({model_label(first, models_by_index[first])}); only one "
+                        "primary = true per role")
             else:
                 primaries[spec.role] = index
+        models_by_index[index] = spec.id
         models.append(spec)
 
     if out.errors:
@@ -433,8 +479,14 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     return Config(models=tuple(models), path=source, **sections)
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def load_config(path: str | os.PathLike[str],
+                known_providers: Collection[str] | None = None) -> Config:
     """The configuration read from a TOML file; raises ConfigError naming file and key."""
+    return parse_config(read_toml(path), str(path), known_providers)
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A configuration file's TOML as data; raises ConfigError naming the file and what."""
     source = str(path)
     try:
         text = Path(path).read_bytes()
@@ -449,7 +501,48 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError([message]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{source}: invalid TOML: {exc}"]) from None
-    return parse_config(data, source)
+    return data
+
+
+def plugin_dirs_of(data: Mapping[str, Any]) -> tuple[str, ...]:
+    """``[daemon].plugin_dirs`` of parsed TOML, read on its own, so that the plugins can be
+    loaded (and providers checked) even when other keys are wrong; the default if unusable."""
+    section = data.get("daemon")
+    raw = section.get("plugin_dirs") if isinstance(section, dict) else None
+    if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+        return tuple(raw)
+    return DaemonConfig().plugin_dirs
+
+
+def runtime_warnings(config: Config, environ: Mapping[str, str]) -> list[str]:
+    """What is valid but will not work when the daemon runs on this host, one line each
+    (file, key path, what, what to do): an admin group that does not exist, an API key
+    variable that is not set here, a model file that is not there, no models at all."""
+    import grp
+
+    source = config.path
+    found = []
+    group = config.daemon.admin_group
+    if group:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            found.append(f'{source}: daemon.admin_group: group "{group}" does not exist on this '
+                         "host, so only root and the daemon's own uid may change things "
+                         f"(create it: groupadd --system {group})")
+    if not config.models:
+        found.append(f"{source}: models: no [[models]] declared: the daemon starts, but "
+                     "resolve has nothing to answer with")
+    for index, spec in enumerate(config.models):
+        label = model_label(index, spec.id)
+        if spec.api_key_env and not environ.get(spec.api_key_env):
+            found.append(f"{source}: {label}.api_key_env: ${spec.api_key_env} is not set (or "
+                         "empty) in this environment, so probes send no key; under systemd "
+                         "set it with Environment= or EnvironmentFile= in a drop-in")
+        if spec.local_path and not os.path.exists(spec.local_path):
+            found.append(f'{source}: {label}.local_path: "{spec.local_path}" does not exist, '
+                         "so the model will be unavailable")
+    return found
 
 
 # ----------------------------------------------------------------------------- output

@@ -134,7 +134,7 @@ def test_bad_duration_error_names_file_and_key():
 
 def test_bad_model_duration_error_names_the_model_index():
     error = only_error({"models": [model("a"), model("b", timeout="soon")]})
-    assert error.startswith(f"{SRC}: models[1].timeout: ")
+    assert error.startswith(f'{SRC}: models[1] (id "b").timeout: ')
 
 
 @pytest.mark.parametrize(("seconds", "text"), [
@@ -166,7 +166,7 @@ def test_unknown_key_says_did_you_mean():
 
 def test_unknown_model_key_names_the_model_and_says_did_you_mean():
     error = only_error({"models": [model("a"), model("b", capability_tag=["x"])]})
-    assert error.startswith(f"{SRC}: models[1].capability_tag: unknown key")
+    assert error.startswith(f'{SRC}: models[1] (id "b").capability_tag: unknown key')
     assert 'did you mean "capability_tags"' in error
 
 
@@ -182,9 +182,9 @@ def test_unknown_key_far_from_any_name_has_no_suggestion():
     ({"daemon": {"plugin_dirs": "/etc/x"}}, "daemon.plugin_dirs", "list of strings"),
     ({"daemon": {"socket_mode": 660}}, "daemon.socket_mode", "octal"),
     ({"score": {"health": "high"}}, "score.health", "number"),
-    ({"models": [model(capability_tags=[1, 2])]}, "models[0].capability_tags", "list"),
-    ({"models": [model(primary=1)]}, "models[0].primary", "true or false"),
-    ({"models": [model(cost_estimate=True)]}, "models[0].cost_estimate", "number"),
+    ({"models": [model(capability_tags=[1, 2])]}, 'models[0] (id "m1").capability_tags', "list"),
+    ({"models": [model(primary=1)]}, 'models[0] (id "m1").primary', "true or false"),
+    ({"models": [model(cost_estimate=True)]}, 'models[0] (id "m1").cost_estimate', "number"),
     ({"health": "strict"}, "health", "table"),
 ])
 def test_wrong_types_name_the_key_path(data, path, words):
@@ -195,11 +195,12 @@ def test_wrong_types_name_the_key_path(data, path, words):
 
 def test_negative_cost_names_the_model_key_path():
     data = {"models": [model("a"), model("b"), model("c", cost_estimate=-1.0)]}
-    assert only_error(data) == f"{SRC}: models[2].cost_estimate: cannot be negative"
+    assert only_error(data) == f'{SRC}: models[2] (id "c").cost_estimate: cannot be negative'
 
 
 def test_quality_outside_zero_to_one_is_rejected():
-    assert only_error({"models": [model(quality=1.5)]}).startswith(f"{SRC}: models[0].quality:")
+    error = only_error({"models": [model(quality=1.5)]})
+    assert error.startswith(f'{SRC}: models[0] (id "m1").quality:')
 
 
 def test_non_positive_thresholds_are_rejected():
@@ -245,8 +246,8 @@ def test_two_primaries_in_one_role_are_rejected():
     data = {"models": [model("a", role="chat", primary=True), model("b", role="code",
                        primary=True), model("c", role="chat", primary=True)]}
     error = only_error(data)
-    assert error.startswith(f"{SRC}: models[2].primary: ")
-    assert 'role "chat" already has a primary (models[0])' in error
+    assert error.startswith(f'{SRC}: models[2] (id "c").primary: ')
+    assert 'role "chat" already has a primary (models[0] (id "a"))' in error
 
 
 def test_one_primary_per_role_in_several_roles_is_fine():
@@ -257,18 +258,19 @@ def test_one_primary_per_role_in_several_roles_is_fine():
 
 def test_local_file_without_local_path_is_rejected():
     error = only_error({"models": [{"id": "gguf", "provider": "local_file"}]})
-    assert error == f'{SRC}: models[0].local_path: is required for provider "local_file"'
+    assert error == (f'{SRC}: models[0] (id "gguf").local_path: '
+                     'is required for provider "local_file"')
 
 
 @pytest.mark.parametrize("provider", ["openai", "ollama"])
 def test_http_provider_without_endpoint_is_rejected(provider):
     error = only_error({"models": [{"id": "m", "provider": provider}]})
-    assert error == f'{SRC}: models[0].endpoint: is required for provider "{provider}"'
+    assert error == f'{SRC}: models[0] (id "m").endpoint: is required for provider "{provider}"'
 
 
 def test_endpoint_must_be_an_http_url():
     error = only_error({"models": [model(endpoint="ftp://10.0.0.1")]})
-    assert error.startswith(f"{SRC}: models[0].endpoint: ")
+    assert error.startswith(f'{SRC}: models[0] (id "m1").endpoint: ')
 
 
 def test_missing_id_and_provider_are_required():
@@ -285,7 +287,7 @@ def test_models_must_be_an_array_of_tables():
 def test_bad_sha256_pin_is_rejected():
     error = only_error({"models": [{"id": "f", "provider": "local_file",
                                     "local_path": "/m.gguf", "sha256": "abc"}]})
-    assert error.startswith(f"{SRC}: models[0].sha256: ")
+    assert error.startswith(f'{SRC}: models[0] (id "f").sha256: ')
 
 
 def test_bad_metrics_listen_and_log_format_are_rejected():
@@ -303,8 +305,10 @@ def test_all_errors_are_reported_together():
     }
     errors = errors_of(data)
     paths = [e.split(": ")[1] for e in errors]
+    # the duplicate id is found although the first "b" has a mistake of its own
     assert set(paths) == {"helth", "probe.interval", "probe.timeout", "score", "models[0].id",
-                          "models[1].cost_estimate", "models[3].local_path"}
+                          'models[1] (id "b").cost_estimate', "models[2].id",
+                          'models[3] (id "f").local_path'}
     assert all(e.startswith(f"{SRC}: ") for e in errors)
     assert str(ConfigError(errors)) == "\n".join(errors)
 
@@ -336,7 +340,7 @@ def test_load_config_errors_name_the_file_path(tmp_path):
                            'endpoint = "http://h:1"\ncost_estimate = -3\n')
     with pytest.raises(ConfigError) as caught:
         load_config(path)
-    assert caught.value.errors == [f"{path}: models[0].cost_estimate: cannot be negative"]
+    assert caught.value.errors == [f'{path}: models[0] (id "a").cost_estimate: cannot be negative']
 
 
 def test_load_config_reads_a_file(tmp_path):
@@ -459,4 +463,5 @@ def test_endpoints_that_break_url_parsing_or_carry_credentials_are_config_errors
         endpoint: str, words: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config({"models": [{"id": "m", "provider": "openai", "endpoint": endpoint}]}, SRC)
-    assert f"{SRC}: models[0].endpoint: " in str(caught.value) and words in str(caught.value)
+    message = str(caught.value)
+    assert f'{SRC}: models[0] (id "m").endpoint: ' in message and words in message

@@ -249,7 +249,7 @@ def test_a_config_that_breaks_url_parsing_is_rejected_on_sighup_and_systemd_told
         daemon.signal(signal.SIGHUP)
         failed = wait_for(lambda: daemon.log_events("config_reload_failed"), 5,
                           what="config_reload_failed")
-        assert any("models[0].endpoint" in e and "not a valid URL" in e
+        assert any('models[0] (id "small").endpoint' in e and "not a valid URL" in e
                    for e in failed[-1]["errors"])
         reloading = daemon.wait_notification("RELOADING=1")
         daemon.wait_notification("READY=1", after=reloading)  # not stuck "reloading"
@@ -409,7 +409,7 @@ def test_unknown_provider_is_a_config_error(workdir: Path) -> None:
     daemon = DaemonProcess(workdir, config)
     assert daemon.run_to_exit() == 78
     error = daemon.log_events("startup_failed")[-1]["error"]
-    assert 'models[0].provider: no probe plugin named "nosuch"' in error
+    assert 'models[0] (id "m").provider: no probe plugin named "nosuch"' in error
 
 
 # ----------------------------------------------------------------------------- offline

@@ -25,6 +25,7 @@ from typing import Any
 import pluggy
 import structlog
 
+from ..config import model_label, provider_error
 from ..core.settings import Config
 from . import hookspecs
 from .context import Probe
@@ -328,10 +329,6 @@ def plugins_report(pm: pluggy.PluginManager) -> str:
 
 def unknown_providers(config: Config, known: Mapping[str, Any]) -> list[str]:
     """Errors for models whose provider no loaded plugin serves, naming the key path."""
-    names = ", ".join(sorted(known)) or "none"
-    return [
-        f"{config.path}: models[{i}].provider: no probe plugin named \"{spec.provider}\" "
-        f"(loaded: {names})"
-        for i, spec in enumerate(config.models)
-        if spec.provider not in known
-    ]
+    errors = (provider_error(model_label(i, spec.id), spec.provider, known)
+              for i, spec in enumerate(config.models))
+    return [f"{config.path}: {error}" for error in errors if error]

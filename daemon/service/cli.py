@@ -10,7 +10,7 @@ import argparse
 import faulthandler
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from ..config import DEFAULT_CONFIG_PATH, EX_CONFIG, ConfigError, load_config
 
@@ -30,8 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", default=None, help="config file (default: $MODELD_CONFIG, "
                      f"then {DEFAULT_CONFIG_PATH})")
-    check = sub.add_parser("check-config", help='validate a config file: "ok" or every error')
+    check = sub.add_parser("check-config", help='validate a config file: "ok", or every '
+                           "error and warning (exit 78 on an error)")
     check.add_argument("path", nargs="?", default=None)
+    check.add_argument("--strict", action="store_true", help="warnings (what will fail at run "
+                       "time: a missing admin group, API key variable or model file) exit 78 too")
     show = sub.add_parser("config", help="print the effective configuration, defaults "
                           "included, as TOML")
     show.add_argument("path", nargs="?", default=None)
@@ -54,23 +57,45 @@ def _load_or_report(path: str):  # type: ignore[no-untyped-def]
         return None
 
 
-def cmd_check_config(path: str) -> int:
-    config = _load_or_report(path)
-    if config is None:
-        return EX_CONFIG
-    from ..probing.plugins import PluginError, collect_probes, get_plugin_manager, unknown_providers
+def cmd_check_config(path: str, strict: bool = False) -> int:
+    """Every error of the file in one run (keys, types, duplicate ids, unknown providers),
+    then the warnings about what will fail at run time on this host."""
+    from ..config import parse_config, plugin_dirs_of, read_toml, runtime_warnings
+    from ..probing.plugins import PluginError, collect_probes, get_plugin_manager
 
     try:
-        probes = collect_probes(get_plugin_manager(config.daemon.plugin_dirs))
-    except PluginError as exc:
-        print(f"{path}: plugins: {exc}", file=sys.stderr)
+        data = read_toml(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
         return EX_CONFIG
-    errors = unknown_providers(config, probes)
+    errors: list[str] = []
+    known: Collection[str] | None = None
+    try:
+        known = collect_probes(get_plugin_manager(plugin_dirs_of(data)))
+    except PluginError as exc:
+        errors.append(f"{path}: plugins: {exc}")
+    try:
+        config = parse_config(data, path, known)
+    except ConfigError as exc:
+        errors = [*exc.errors, *errors]
+        config = None
     for line in errors:
         print(line, file=sys.stderr)
-    if errors:
+    if config is None or errors:
         return EX_CONFIG
-    print("ok")
+    warnings = runtime_warnings(config, os.environ)
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    if not warnings:
+        print("ok")
+        return 0
+    count = f"{len(warnings)} warning{'s' if len(warnings) != 1 else ''}"
+    if strict:
+        print(f"modeld check-config: {count}, and --strict counts them as errors",
+              file=sys.stderr)
+        return EX_CONFIG
+    print(f"ok, with {count}")
     return 0
 
 
@@ -141,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         return cmd_run(args.config or _default_config())
     if args.command == "check-config":
-        return cmd_check_config(args.path or _default_config())
+        return cmd_check_config(args.path or _default_config(), args.strict)
     if args.command == "config":
         return cmd_config(args.path or _default_config())
     if args.command == "plugins":
