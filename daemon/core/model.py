@@ -164,6 +164,7 @@ class EventKind(StrEnum):
     AUTO_UPGRADE_SUGGESTED = "auto_upgrade_suggested"
     OFFLINE_MODE_CHANGED = "offline_mode_changed"
     CONFIG_RELOADED = "config_reloaded"
+    CONFIG_RELOAD_FAILED = "config_reload_failed"
     MODEL_ADDED = "model_added"
     MODEL_REMOVED = "model_removed"
 

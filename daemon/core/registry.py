@@ -493,7 +493,8 @@ class ModelRegistry:
             why = (entry.last_probe.reason if entry.last_probe else "") or "not probed yet"
             raise ModelUnavailable(
                 f'refusing to promote "{model_id}": it is {status.value} ({why}); '
-                f"pass force to promote it anyway", model_id=model_id, health_status=status.value)
+                f'to promote it anyway: modelctl promote {model_id} --force (API: "force": '
+                f"true)", model_id=model_id, health_status=status.value)
         old = role.primary
         reason = reason or (f"manual promotion by {actor}" + (" (forced)" if force else ""))
         role.stack.append(Promotion(old, model_id, now, automatic))
@@ -679,6 +680,12 @@ class ModelRegistry:
                    reason=f"{len(added)} added, {len(removed)} removed, {len(changed)} changed",
                    added=list(added), removed=list(removed), changed=list(changed))
         return ConfigDiff(added, removed, changed)
+
+    def note_config_rejected(self, now: float, *, actor: str, errors: Sequence[str]) -> Event:
+        """Record that a new configuration was refused and the old one kept (an event)."""
+        return self._emit(now, EventKind.CONFIG_RELOAD_FAILED, actor=actor,
+                          reason=f"{len(errors)} error(s); the old configuration stays in effect",
+                          errors=list(errors))
 
     def _remove(self, model_id: str, now: float, actor: str) -> None:
         entry = self.models.pop(model_id)

@@ -45,13 +45,10 @@ class EventFanout:
 
     def __call__(self, event: Event) -> None:
         """Every registry event: log it, count it, tell observers and followers."""
-        fields = {"role": event.role, "model_id": event.model_id, "from_id": event.from_id,
-                  "to_id": event.to_id, **event.data}
-        fields = {k: v for k, v in fields.items() if v not in (None, "")}
-        self.log.info(event.kind.value, seq=event.seq, reason=event.reason, actor=event.actor,
-                      **fields)
+        log_event(self.log, event)
         if event.kind in (EventKind.MODEL_PROMOTED, EventKind.MODEL_ROLLED_BACK):
-            automatic = "true" if event.actor == "policy" else "false"
+            # an operator's `upgrade execute` promotes as the policy would: the event says so
+            automatic = "true" if event.data.get("automatic", event.actor == "policy") else "false"
             if event.kind is EventKind.MODEL_PROMOTED:
                 self.metrics.promotions.labels(event.role, automatic).inc()
             else:
@@ -69,3 +66,37 @@ class EventFanout:
                 send.close()
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self._subscribers.discard(send)
+
+
+def log_level(event: Event) -> str:
+    """The level an event is logged at: an outage (a model becoming unavailable, an automatic
+    rollback) is a warning and a refused configuration an error, so ``journalctl -p warning``
+    shows every one of them; the rest is info."""
+    if event.kind is EventKind.HEALTH_CHANGED and event.data.get("new") == "unavailable":
+        return "warning"
+    if event.kind is EventKind.MODEL_ROLLED_BACK and event.actor == "policy":
+        return "warning"
+    if event.kind is EventKind.CONFIG_RELOAD_FAILED:
+        return "error"
+    return "info"
+
+
+def log_event(log: Any, event: Event) -> None:
+    """One log line for an event, with the event stream's own key names (``from``, ``to``)
+    and figures rounded as a person reads them."""
+    fields: dict[str, Any] = {"role": event.role, "model_id": event.model_id,
+                              "from": event.from_id, "to": event.to_id}
+    for key, value in event.data.items():
+        fields[key] = _rounded(key, value)
+    fields = {k: v for k, v in fields.items() if v not in (None, "")}
+    getattr(log, log_level(event))(event.kind.value, seq=event.seq, reason=event.reason,
+                                   actor=event.actor, **fields)
+
+
+def _rounded(key: str, value: Any) -> Any:
+    if isinstance(value, float) and not isinstance(value, bool):
+        if key.endswith("_ms"):
+            return round(value, 1)
+        if key.startswith("score"):
+            return round(value, 3)
+    return value

@@ -31,12 +31,14 @@ async def reload(daemon: Daemon, actor: str) -> dict[str, Any]:
         if errors:
             raise ConfigError(errors)
     except ConfigError as exc:
-        daemon.log.error("config_reload_failed", path=daemon.config_path, actor=actor,
-                         errors=exc.errors)
+        # an event (logged as an error, streamed, kept in the state), not only a log line
+        daemon.registry.note_config_rejected(time.time(), actor=actor, errors=exc.errors)
         raise
     except Exception as exc:  # a config that breaks the loader is a rejected config
         daemon.log.exception("config_reload_failed", path=daemon.config_path, actor=actor)
-        raise ConfigError([f"{daemon.config_path}: cannot load: {exc!r}"]) from exc
+        errors = [f"{daemon.config_path}: cannot load: {exc!r}"]
+        daemon.registry.note_config_rejected(time.time(), actor=actor, errors=errors)
+        raise ConfigError(errors) from exc
     restart = [f"daemon.{key}" for key in RESTART_KEYS
                if getattr(new.daemon, key) != getattr(daemon.config.daemon, key)]
     if new.probe.max_concurrent != daemon.config.probe.max_concurrent:
