@@ -98,7 +98,20 @@ ROUTES: list[tuple[str, tuple[Any, ...], dict[str, Any], str, str, Any]] = [
     ("offline_status", (), {}, "GET", "/api/v1/models/offline-mode/status", None),
     ("status", (), {}, "GET", "/api/v1/status", None),
     ("reload", (), {}, "POST", "/api/v1/reload", {}),
+    ("promote", ("qwen",), {"reason": "key rotated"}, "POST", "/api/v1/models/promote",
+     {"model_id": "qwen", "reason": "key rotated"}),
+    ("rollback", ("chat",), {"reason": "back"}, "POST", "/api/v1/models/rollback",
+     {"role": "chat", "reason": "back"}),
+    ("history", ("chat",), {}, "GET", "/api/v1/roles/chat/history", None),
 ]
+
+
+@pytest.mark.anyio
+async def test_history_passes_the_limit(daemon: tuple[str, Stub]) -> None:
+    socket_path, _ = daemon
+    async with ModeldClient(socket_path) as client:
+        answer = await client.history("chat", limit=5)
+    assert (answer["path"], answer["query"]) == ("/api/v1/roles/chat/history", {"limit": ["5"]})
 
 
 @pytest.mark.anyio

@@ -17,11 +17,11 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..config import ConfigError
 from ..core.model import Event, ProbeResult
-from ..core.registry import ModelRegistry, NoUsableModel, RegistryError
+from ..core.registry import ModelRegistry, NoUsableModel, RegistryError, UnknownRole
 from . import routes
 from .messages import HTTPError, Peer, Request, Response, StreamingResponse
 from .routes import API
-from .views import model_view
+from .views import model_view, role_summary
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 RESOLVE_CACHE_SIZE = 256  # distinct (role, capabilities) questions remembered
@@ -167,6 +167,7 @@ class ControlAPI:
         return Response.json({
             "models": [model_view(registry, m) for m in registry.models],
             "offline_mode": registry.offline_mode,
+            "roles": {name: role_summary(registry, name) for name in sorted(registry.roles)},
         })
 
     async def show(self, request: Request, params: dict[str, str]) -> Response:
@@ -203,6 +204,22 @@ class ControlAPI:
     async def status(self, request: Request, params: dict[str, str]) -> Response:
         return Response.json(self.daemon.status())
 
+    async def history(self, request: Request, params: dict[str, str]) -> Response:
+        registry = self.daemon.registry
+        role = params["role"]
+        state = registry.roles.get(role)
+        if state is None:
+            roles = ", ".join(sorted(registry.roles)) or "none"
+            raise UnknownRole(f'no role "{role}" (roles: {roles})', role=role)
+        entries = [entry.to_json() for entry in state.history]
+        limit_raw = request.query_one("limit")
+        if limit_raw is not None:
+            if not limit_raw.isdigit() or int(limit_raw) < 1:
+                raise HTTPError(400, "invalid_query", f"limit must be a whole number of entries, "
+                                f'at least 1, got "{limit_raw[:40]}"')
+            entries = entries[-int(limit_raw):]
+        return Response.json({"role": role, "primary": state.primary, "history": entries})
+
     async def metrics(self, request: Request, params: dict[str, str]) -> Response:
         return Response(200, self.daemon.metrics_text(), METRICS_CONTENT_TYPE)
 
@@ -223,7 +240,12 @@ class ControlAPI:
             events = registry.events_since(since if since is not None else 0)
             body = b"".join(_ndjson(e) for e in events)
             return Response(200, body, "application/x-ndjson")
-        return StreamingResponse(self._follow(since))
+        headers: list[tuple[str, str]] = []
+        if since is None:
+            # a follower without since sees only what comes next: say how to get what came before
+            headers.append(("X-Modeld-Backlog", f"events up to seq {registry.event_seq} are not "
+                            "replayed; add since=0 (or since=N) to get them first"))
+        return StreamingResponse(self._follow(since), headers=headers)
 
     async def _follow(self, since: int | None) -> AsyncIterator[bytes]:
         async with self.daemon.subscribe() as receive:
@@ -290,8 +312,7 @@ class ControlAPI:
         body = _body_object(request, {"enabled": (bool,)}, required=("enabled",))
         registry = self.daemon.registry
         if registry.set_offline_mode(body["enabled"], now=self.daemon.now(), actor=actor):
-            self.log.info("offline_mode_changed", enabled=body["enabled"], actor=actor)
-            await self._persist()
+            await self._persist()  # the event listener logs the change
         return Response.json({"offline_mode": registry.offline_mode,
                               "forced_by_env": self.daemon.offline_forced_by_env})
 
@@ -338,6 +359,7 @@ _HANDLERS: dict[str, Handler] = {
     "resolve": ControlAPI.resolve,
     "events": ControlAPI.events,
     "status": ControlAPI.status,
+    "history": ControlAPI.history,
     "reload": ControlAPI.reload,
     "metrics": ControlAPI.metrics,
 }

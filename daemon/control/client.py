@@ -165,16 +165,22 @@ class ModeldClient:
         """Probe ``model_id`` now; the result and its new score."""
         return await self._json(*_route("evaluate", model_id=model_id), body={})
 
-    async def promote(self, model_id: str, *, force: bool = False) -> dict[str, Any]:
-        """Make ``model_id`` its role's primary; ``{"changes": [...]}``."""
+    async def promote(self, model_id: str, *, force: bool = False,
+                      reason: str = "") -> dict[str, Any]:
+        """Make ``model_id`` its role's primary; ``{"changes": [...]}``. ``reason`` goes into
+        the role's history (default: "manual promotion by ...")."""
         body: dict[str, Any] = {"model_id": model_id}
         if force:
             body["force"] = True
+        if reason:
+            body["reason"] = reason
         return await self._json(*_route("promote"), body=body)
 
-    async def rollback(self, role: str | None = None) -> dict[str, Any]:
+    async def rollback(self, role: str | None = None, *, reason: str = "") -> dict[str, Any]:
         """Restore ``role``'s previous primary; ``{"changes": [...]}``."""
-        body = {"role": role} if role else {}
+        body: dict[str, Any] = {"role": role} if role else {}
+        if reason:
+            body["reason"] = reason
         return await self._json(*_route("rollback"), body=body)
 
     async def auto_upgrade_check(self) -> dict[str, Any]:
@@ -204,6 +210,12 @@ class ModeldClient:
     async def status(self) -> dict[str, Any]:
         """Version, uptime, config path, counts, last sweep."""
         return await self._json(*_route("status"))
+
+    async def history(self, role: str, *, limit: int | None = None) -> dict[str, Any]:
+        """``{"role", "primary", "history": [{"at", "action", "from", "to", "reason", "actor",
+        ...}, ...]}``: the role's audit trail, oldest first (the last ``limit`` entries)."""
+        params: _Params = [] if limit is None else [("limit", str(limit))]
+        return await self._json(*_route("history", role=role), params=params)
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the configuration, as SIGHUP does."""

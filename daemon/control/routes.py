@@ -82,6 +82,8 @@ ROUTES: tuple[Route, ...] = (
           "the model to use now and its fallback chain"),
     Route("events", "GET", f"{API}/events", False, "the event stream (NDJSON)"),
     Route("status", "GET", f"{API}/status", False, "the daemon's status"),
+    Route("history", "GET", f"{API}/roles/{{role}}/history", False,
+          "a role's audit trail: who was made primary when, why and by whom"),
     Route("reload", "POST", f"{API}/reload", True, "re-read the configuration"),
     Route("metrics", "GET", "/metrics", False, "Prometheus metrics"),
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core.registry import ModelRegistry
+from ..core.registry import ModelRegistry, NoUsableModel
 from ..core.scoring import expected_latency_ms
 
 
@@ -38,6 +38,7 @@ def model_view(registry: ModelRegistry, model_id: str, *, detail: bool = False) 
         "eligible": registry.eligible(entry),
         "not_probed": entry.not_probed,
         "quarantined_until": registry.quarantined_until.get(spec.id),
+        "health_changed_at": health.changed_at,
     }
     if detail:
         view["score_parts"] = entry.score.to_json()
@@ -68,3 +69,14 @@ def role_view(registry: ModelRegistry, role_name: str) -> dict[str, Any]:
         "rollback_depth": len(role.stack),
         "history": [h.to_json() for h in role.history[-20:]],
     }
+
+
+def role_summary(registry: ModelRegistry, role_name: str) -> dict[str, Any]:
+    """A role at a glance: its primary and the model ``resolve`` answers with now (None when
+    nothing is usable), which differ while a fallback stands in for the primary."""
+    try:
+        resolves_to: str | None = registry.get_model_for_use(role_name).model_id
+    except NoUsableModel:
+        resolves_to = None
+    return {"role": role_name, "primary": registry.roles[role_name].primary,
+            "resolves_to": resolves_to}

@@ -28,6 +28,7 @@ from ..control.listeners import (
 )
 from ..control.messages import Limits, Peer
 from ..control.server import HTTPServer
+from ..control.views import role_summary
 from ..core.model import Event, ProbeResult
 from ..core.registry import ModelRegistry
 from ..core.settings import Config
@@ -155,6 +156,8 @@ class Daemon:
             "models": len(registry.models),
             "health": registry.health_counts(),
             "roles": {name: state.primary for name, state in sorted(registry.roles.items())},
+            "role_details": {name: role_summary(registry, name)
+                             for name in sorted(registry.roles)},
             "offline_mode": registry.offline_mode,
             "forced_by_env": self.offline_forced_by_env,
             "auto_execute": self.config.policy.auto_execute,
