@@ -126,7 +126,7 @@ def test_show_one_model_with_score_parts_and_recent_probes(env: dict[str, Any]) 
     assert abs(total - body["score"]) < 1e-3
     assert body["recent_probes"] and body["recent_probes"][0]["ok"] is True
     shown = modelctl(daemon, "show", "big")
-    assert shown.returncode == 0 and "health_status:" in shown.stdout
+    assert shown.returncode == 0 and "health:       healthy since " in shown.stdout
     missing = modelctl(daemon, "show", "nope")
     assert missing.returncode == 1 and "unknown model" in missing.stderr
     status, body = curl(daemon, "GET", "/api/v1/models/nope")
@@ -170,7 +170,7 @@ def test_status_offline_status_and_metrics(env: dict[str, Any]) -> None:
     assert status == 200
     for name in ("modeld_model_health{", "modeld_model_score{", "modeld_probes_total{",
                  "modeld_role_primary{", "modeld_state_write_duration_seconds_bucket",
-                 "modeld_model_latency_ms{"):
+                 "modeld_model_latency_seconds{", "modeld_role_usable_models{"):
         assert name in text, name
     assert 'modeld_role_primary{model_id="small",role="chat"} 1.0' in text
 
@@ -246,7 +246,7 @@ def test_promote_rollback_execute_offline_evaluate_reload(env: dict[str, Any]) -
     assert status == 200 and body["added"] == [] and body["removed"] == []
     assert modelctl(daemon, "reload").returncode == 0
     # every change is recorded with its actor
-    events = [json.loads(line) for line in modelctl(daemon, "events").stdout.splitlines()]
+    events = [json.loads(line) for line in modelctl(daemon, "events", "--json").stdout.splitlines()]
     promoted = [e for e in events if e["kind"] == "model_promoted"]
     assert promoted and all(e["actor"].startswith("uid=0 pid=") for e in promoted)
 
@@ -353,7 +353,7 @@ def test_member_of_the_admin_group_may_change_things(env: dict[str, Any]) -> Non
                             {"enabled": enabled}, as_nobody=True, groups=str(gid))
         assert status == 200, body
         assert body["offline_mode"] is enabled
-    events = [json.loads(x) for x in modelctl(daemon, "events").stdout.splitlines()]
+    events = [json.loads(x) for x in modelctl(daemon, "events", "--json").stdout.splitlines()]
     toggles = [e for e in events if e["kind"] == "offline_mode_changed"][-2:]
     assert [e["data"]["enabled"] for e in toggles] == [True, False]
     assert all(e["actor"].startswith("uid=65534 pid=") for e in toggles)
@@ -432,7 +432,7 @@ def test_follower_receives_a_promotion_within_100ms_and_since_replays(
     replayed = [json.loads(line) for line in text.splitlines()]
     assert status == 200 and replayed[0]["seq"] == before_seq + 1
     assert [e["kind"] for e in replayed][:2] == ["model_promoted", "model_rolled_back"]
-    since = modelctl(daemon, "events", "--since", str(before_seq))
+    since = modelctl(daemon, "events", "--json", "--since", str(before_seq))
     assert next(json.loads(x)["seq"] for x in since.stdout.splitlines()) == before_seq + 1
     status, _body = curl(daemon, "GET", "/api/v1/events?since=soon")
     assert status == 400

@@ -17,10 +17,10 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn, TextIO
 
-from . import routes
+from . import routes, text
 
 DEFAULT_SOCKET = "/run/modeld/control.sock"
 EXIT_OK = 0
@@ -247,163 +247,19 @@ class Client:
 
 # ----------------------------------------------------------------------------- output
 
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Columns aligned with two spaces between them; the last column is not padded."""
-    widths = [len(h) for h in headers]
-    for row in rows:
-        for i, cell in enumerate(row):
-            widths[i] = max(widths[i], len(cell))
-    lines = []
-    for row in [list(headers), *rows]:
-        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])]
-        lines.append("  ".join([*cells, row[-1]]).rstrip())
-    return "\n".join(lines)
+format_table = text.table  # the demo lays its own tables out the same way
 
 
-def _text(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.3f}".rstrip("0").rstrip(".") if value == value else "nan"
-    if isinstance(value, list | tuple):
-        return ", ".join(_text(v) for v in value) if value else "-"
-    if isinstance(value, dict):
-        return json.dumps(value, separators=(",", ":"))
-    return str(value)
-
-
-def _flatten(document: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:
-    for key, value in document.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            yield from _flatten(value, f"{name}.")
-        else:
-            yield name, _text(value)
-
-
-def format_fields(document: Any) -> str:
-    """``key: value`` lines, nested objects as dotted keys, values aligned."""
-    if not isinstance(document, dict):
-        return _text(document)
-    pairs = list(_flatten(document))
-    if not pairs:
-        return "ok"
-    width = max(len(k) for k, _ in pairs) + 1
-    return "\n".join(f"{(k + ':').ljust(width)} {v}" for k, v in pairs)
-
-
-def _age(at: Any, now: float) -> str:
-    if not isinstance(at, int | float) or at <= 0:
-        return ""
-    seconds = max(0.0, now - float(at))
-    if seconds < 120:
-        return f"{seconds:.0f}s ago"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m ago"
-    if seconds < 172800:
-        return f"{seconds / 3600:.0f}h ago"
-    return f"{seconds / 86400:.0f}d ago"
-
-
-def _last_probe(probe: Any, now: float) -> str:
-    if not isinstance(probe, dict) or not probe.get("at"):
-        return "never"
-    verdict = "ok" if probe.get("ok") else "failed"
-    latency = probe.get("latency_ms")
-    parts = [verdict]
-    if isinstance(latency, int | float):
-        parts.append(f"{latency:.0f}ms")
-    parts.append(_age(probe.get("at"), now))
-    reason = str(probe.get("reason") or "")
-    if reason:
-        parts.append(f"({reason[:60]})")
-    return " ".join(p for p in parts if p)
-
-
-def _number(value: Any, digits: int) -> str:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return _text(value)
-    return f"{value:.{digits}f}"
-
-
-def format_models(document: Any, now: float | None = None) -> str:
-    """The model list as a table, then the offline mode."""
-    now = time.time() if now is None else now
-    models = document.get("models", []) if isinstance(document, dict) else []
-    rows = []
-    for m in models:
-        flags = [name for name in ("primary", "retired", "local") if m.get(name)]
-        rows.append(
-            [
-                str(m.get("id", "?")),
-                str(m.get("role", "")),
-                str(m.get("provider", "")),
-                str(m.get("health_status", "")),
-                _number(m.get("score"), 3),
-                _number(m.get("latency_estimate"), 0),
-                _number(m.get("cost_estimate"), 2),
-                ",".join(flags) or "-",
-                _last_probe(m.get("last_probe"), now),
-            ]
-        )
-    headers = ["ID", "ROLE", "PROVIDER", "HEALTH", "SCORE", "LATENCY_MS", "COST", "FLAGS"]
-    table = format_table([*headers, "LAST PROBE"], rows) if rows else "no models configured"
-    offline = document.get("offline_mode") if isinstance(document, dict) else None
-    return f"{table}\noffline mode: {'on' if offline else 'off'}"
-
-
-def format_changes(document: Any) -> str:
-    """Promotions and rollbacks made, one row each."""
-    changes = document.get("changes", []) if isinstance(document, dict) else []
-    if not changes:
-        return "no change"
-    rows = [
-        [_text(c.get("role")), _text(c.get("from")), _text(c.get("to")), _text(c.get("reason"))]
-        for c in changes
-    ]
-    return format_table(["ROLE", "FROM", "TO", "REASON"], rows)
-
-
-def format_suggestions(document: Any) -> str:
-    """Auto-upgrade suggestions, one row each, with the scores that justify them."""
-    suggestions = document.get("suggestions", []) if isinstance(document, dict) else []
-    if not suggestions:
-        return "no suggestions: every role's primary is the best choice"
-    rows = [
-        [
-            _text(s.get("role")),
-            _text(s.get("from")),
-            _text(s.get("to")),
-            _number(s.get("score_from"), 3),
-            _number(s.get("score_to"), 3),
-            _text(s.get("reason")),
-        ]
-        for s in suggestions
-    ]
-    return format_table(["ROLE", "FROM", "TO", "SCORE_FROM", "SCORE_TO", "REASON"], rows)
-
-
-def format_offline(document: Any) -> str:
-    """``offline mode: on|off`` and whether the environment forces it."""
-    on = isinstance(document, dict) and bool(document.get("offline_mode"))
-    line = f"offline mode: {'on' if on else 'off'}"
-    if isinstance(document, dict) and document.get("forced_by_env"):
-        line += " (forced by DAENA_OFFLINE_MODE)"
-    return line
-
-
-def format_resolve(document: Any) -> str:
-    """The chosen model id on the first line, then its fallbacks, one id a line, in order.
-
-    Plain ids and nothing else, so ``$(modelctl resolve --role chat | head -1)`` is the model
-    to use and ``modelctl resolve | tail -n +2`` the chain to walk when it fails.
-    """
-    lines = [str(document.get("model_id", ""))]
-    lines.extend(str(f) for f in document.get("fallbacks", []) or [])
-    return "\n".join(lines)
+def terminal_width(out: TextIO) -> int | None:
+    """The width to wrap text to: the terminal's, else ``$COLUMNS``; None (no wrapping) when
+    the output is a pipe or a file and nobody said how wide."""
+    try:
+        if out.isatty():
+            return os.get_terminal_size(out.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        pass
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else None
 
 
 # ----------------------------------------------------------------------------- commands
@@ -412,11 +268,12 @@ def format_resolve(document: Any) -> str:
 Command = Callable[[argparse.Namespace, Client, TextIO], int]
 
 
-def _emit(args: argparse.Namespace, out: TextIO, document: Any, human: Callable[[Any], str]) -> int:
+def _emit(args: argparse.Namespace, out: TextIO, document: Any,
+          human: Callable[[Any, int | None], str]) -> int:
     if args.json:
         out.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
     else:
-        out.write(human(document) + "\n")
+        out.write(human(document, terminal_width(out)) + "\n")
     return EXIT_OK
 
 
@@ -427,37 +284,44 @@ def _route(name: str, **params: str) -> tuple[str, str]:
 
 
 def cmd_status(args: argparse.Namespace, client: Client, out: TextIO) -> int:
-    return _emit(args, out, client.call(*_route("status")), format_fields)
+    return _emit(args, out, client.call(*_route("status")),
+                 lambda d, w: text.format_status(d, width=w))
 
 
 def cmd_list(args: argparse.Namespace, client: Client, out: TextIO) -> int:
-    return _emit(args, out, client.call(*_route("list_models")), format_models)
+    return _emit(args, out, client.call(*_route("list_models")),
+                 lambda d, w: text.format_models(d, width=w))
 
 
 def cmd_show(args: argparse.Namespace, client: Client, out: TextIO) -> int:
-    return _emit(args, out, client.call(*_route("show", model_id=args.model_id)), format_fields)
+    return _emit(args, out, client.call(*_route("show", model_id=args.model_id)),
+                 lambda d, w: text.format_model(d, width=w))
 
 
 def cmd_evaluate(args: argparse.Namespace, client: Client, out: TextIO) -> int:
     document = client.call(*_route("evaluate", model_id=args.model_id), {})
-    return _emit(args, out, document, format_fields)
+    return _emit(args, out, document, lambda d, w: text.format_evaluate(d, width=w))
 
 
 def cmd_promote(args: argparse.Namespace, client: Client, out: TextIO) -> int:
     body: dict[str, Any] = {"model_id": args.model_id}
     if args.force:
         body["force"] = True
-    return _emit(args, out, client.call(*_route("promote"), body), format_changes)
+    if args.reason:
+        body["reason"] = args.reason
+    return _emit(args, out, client.call(*_route("promote"), body), text.format_changes)
 
 
 def cmd_rollback(args: argparse.Namespace, client: Client, out: TextIO) -> int:
-    body = {"role": args.role} if args.role else {}
-    return _emit(args, out, client.call(*_route("rollback"), body), format_changes)
+    body: dict[str, Any] = {"role": args.role} if args.role else {}
+    if args.reason:
+        body["reason"] = args.reason
+    return _emit(args, out, client.call(*_route("rollback"), body), text.format_changes)
 
 
 def cmd_upgrade(args: argparse.Namespace, client: Client, out: TextIO) -> int:
     document = client.call(*_route(f"upgrade_{args.action}"), {})
-    human = format_suggestions if args.action == "check" else format_changes
+    human = text.format_suggestions if args.action == "check" else text.format_changes
     return _emit(args, out, document, human)
 
 
@@ -467,7 +331,7 @@ def cmd_offline(args: argparse.Namespace, client: Client, out: TextIO) -> int:
     else:
         body = {"enabled": args.state == "on"}
         document = client.call(*_route("set_offline"), body)
-    return _emit(args, out, document, format_offline)
+    return _emit(args, out, document, lambda d, w: text.format_offline(d))
 
 
 def cmd_resolve(args: argparse.Namespace, client: Client, out: TextIO) -> int:
@@ -476,7 +340,13 @@ def cmd_resolve(args: argparse.Namespace, client: Client, out: TextIO) -> int:
         query.append(("role", args.role))
     query.extend(("capability", tag) for tag in args.capability or ())
     path = routes.path("resolve", query)
-    return _emit(args, out, client.call("GET", path), format_resolve)
+    document = client.call("GET", path)
+    if args.first and not args.json:
+        # the id alone; nothing usable is a refusal (exit 1) before this, so
+        # MODEL=$(modelctl resolve --first) || exit 1 never goes on with an empty MODEL
+        out.write(f"{document.get('model_id', '')}\n")
+        return EXIT_OK
+    return _emit(args, out, document, lambda d, w: text.format_resolve(d))
 
 
 def cmd_events(args: argparse.Namespace, client: Client, out: TextIO) -> int:
@@ -486,26 +356,75 @@ def cmd_events(args: argparse.Namespace, client: Client, out: TextIO) -> int:
     if args.since is not None:
         query.append(("since", str(args.since)))
     path = routes.path("events", query)
-    last = ""
+    width = None if args.json else terminal_width(out)
+    if args.follow and args.since is None and not args.json:
+        print("modelctl: showing events from now on; add --since 0 to replay the ones the "
+              "daemon kept first (or --since N: those after event N)", file=sys.stderr)
+    last: Any = None
     for line in client.stream_lines(path):
-        text = line.decode("utf-8", "replace").rstrip("\r\n")
-        if text:
-            out.write(text + "\n")
-            out.flush()
-            last = text
-    if '"stream_dropped"' in last:
+        raw = line.decode("utf-8", "replace").rstrip("\r\n")
+        if not raw:
+            continue
         try:
-            resume = json.loads(last).get("last_seq")
+            event = json.loads(raw)
         except ValueError:
-            resume = None
+            event = None
+        last = event
+        if isinstance(event, dict) and event.get("kind") == "stream_dropped":
+            if args.json:
+                out.write(raw + "\n")
+            break
+        if args.json or not isinstance(event, dict):
+            out.write(raw + "\n")
+        else:
+            out.write(text.format_event(event, time.time(), width) + "\n")
+        out.flush()
+    if isinstance(last, dict) and last.get("kind") == "stream_dropped":
         print(f"modelctl: the daemon cut this stream off (it fell behind); resume with "
-              f"modelctl events --follow --since {resume}", file=sys.stderr)
+              f"modelctl events --follow --since {last.get('last_seq')}", file=sys.stderr)
         return EXIT_REFUSED
     return EXIT_OK
 
 
 def cmd_reload(args: argparse.Namespace, client: Client, out: TextIO) -> int:
-    return _emit(args, out, client.call(*_route("reload"), {}), format_fields)
+    return _emit(args, out, client.call(*_route("reload"), {}), text.format_reload)
+
+
+def _roles(client: Client) -> list[str]:
+    document = client.call(*_route("status"))
+    roles = document.get("roles") if isinstance(document, dict) else None
+    return sorted(roles) if isinstance(roles, dict) else []
+
+
+def _entry_time(entry: dict[str, Any]) -> float:
+    at = entry.get("at")
+    return float(at) if isinstance(at, int | float) else 0.0
+
+
+def cmd_history(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    roles = [args.role] if args.role else _roles(client)
+    query = [("limit", str(args.limit))] if args.limit else []
+    entries: list[dict[str, Any]] = []
+    for role in roles:
+        document = client.call("GET", routes.path("history", query, role=role))
+        for entry in document.get("history", []) if isinstance(document, dict) else []:
+            if isinstance(entry, dict):
+                entries.append({"role": role, **entry})
+    entries.sort(key=_entry_time)
+    if args.limit:
+        entries = entries[-args.limit:]
+    if args.json:
+        out.write(json.dumps({"history": entries}, indent=2, ensure_ascii=False) + "\n")
+        return EXIT_OK
+    out.write(text.format_history(entries, time.time(), terminal_width(out),
+                                  with_role=not args.role) + "\n")
+    return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    from . import watch
+
+    return watch.run(client, out, interval=args.interval)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -534,6 +453,22 @@ def _common_options(socket_default: Any, json_default: Any) -> _Parser:
     return common
 
 
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
+    return int(value)
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0.1 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"expected seconds between 0.1 and 3600, got {value!r}")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``modelctl`` argument parser."""
     parser = _Parser(
@@ -553,17 +488,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add("status", cmd_status, "daemon version, uptime, config, counts, last sweep")
-    add("list", cmd_list, "every model with its health, score and role")
-    add("show", cmd_show, "one model in detail").add_argument("model_id", metavar="ID")
+    add("status", cmd_status, "daemon version, uptime, files, counts, and per role the "
+        "primary beside the model resolve answers with")
+    add("list", cmd_list, "every model with its health, score, role and flags")
+    add("show", cmd_show, "one model in detail: score part by part, recent probes"
+        ).add_argument("model_id", metavar="ID")
     add(
         "evaluate", cmd_evaluate, "probe a model now and show the result and new score"
     ).add_argument("model_id", metavar="ID")
     p = add("promote", cmd_promote, "make a model its role's primary (the old one is retired)")
     p.add_argument("model_id", metavar="ID")
     p.add_argument("--force", action="store_true", help="promote even if it is unavailable")
+    p.add_argument("--reason", metavar="TEXT", help="why, for the role's history")
     p = add("rollback", cmd_rollback, "restore a role's previous primary")
     p.add_argument("--role", help="the role (default: the daemon's default role)")
+    p.add_argument("--reason", metavar="TEXT", help="why, for the role's history")
     p = add("upgrade", cmd_upgrade, "auto-upgrade: check for better models, or act on it now")
     p.add_argument("action", choices=["check", "execute"])
     p = add("offline", cmd_offline, "offline mode: only local models are used")
@@ -577,10 +516,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TAG",
         help="required capability tags (repeatable)",
     )
-    p = add("events", cmd_events, "health changes, promotions and rollbacks, as NDJSON")
+    p.add_argument("--first", action="store_true", help="print only the model to use; exit 1 "
+                   "when nothing is usable: MODEL=$(modelctl resolve --first) || exit 1")
+    p = add("events", cmd_events, "health changes, promotions, rollbacks, reloads: one line "
+            "each (--json: the daemon's NDJSON)")
     p.add_argument("--follow", "-f", action="store_true", help="keep reading until Ctrl-C")
-    p.add_argument("--since", type=int, metavar="N", help="replay from event sequence N")
-    add("reload", cmd_reload, "re-read the configuration (like SIGHUP)")
+    p.add_argument("--since", type=int, metavar="N", help="replay from after event N "
+                   "(0: every event the daemon kept)")
+    add("reload", cmd_reload, "re-read the configuration (like SIGHUP); a refusal lists every "
+        "error")
+    p = add("history", cmd_history, "the audit trail: who made which model primary, when, why")
+    p.add_argument("--role", help="one role (default: every role, merged by time)")
+    p.add_argument("--limit", type=_positive, metavar="N", help="the last N entries only")
+    p = add("watch", cmd_watch, "a live table of roles and models, refreshed until Ctrl-C")
+    p.add_argument("--interval", type=_seconds, default=2.0, metavar="SECONDS",
+                   help="seconds between refreshes (default: 2)")
     return parser
 
 
@@ -593,7 +543,11 @@ def _report_refusal(args: argparse.Namespace, exc: Refused, out: TextIO, err: Te
         for model_id, why in reasons.items():
             err.write(f"  {model_id}: {why}\n")
     elif reasons:
-        err.write(f"  {_text(reasons)}\n")
+        err.write(f"  {text.plain(reasons)}\n")
+    errors = exc.details.get("errors")
+    if isinstance(errors, list):  # a rejected configuration: every error, file and key path
+        for line in errors:
+            err.write(f"  {line}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -615,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         err.write(f"modelctl: {exc}\n")
         return EXIT_UNREACHABLE
     except KeyboardInterrupt:
-        if args.command == "events":
+        if args.command in ("events", "watch"):
             return EXIT_OK  # Ctrl-C is how one stops following
         err.write("modelctl: interrupted\n")
         return 130
@@ -633,4 +587,8 @@ def _silence_stdout() -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # `python -m daemon.control.ctl`: run the module proper, not this copy named __main__,
+    # so that its exceptions are the classes the other modules (watch) catch
+    from daemon.control import ctl as _ctl
+
+    raise SystemExit(_ctl.main())
