@@ -20,7 +20,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ..core.model import HealthStatus
-from ..core.registry import ModelRegistry
+from ..core.registry import ModelRegistry, NoUsableModel
 from ..core.scoring import expected_latency_ms
 
 
@@ -35,8 +35,8 @@ class _RegistryCollector(Collector):
                                                                        "status"])
         score = GaugeMetricFamily("modeld_model_score", "The model's score, 0..1",
                                   labels=["model_id", "role"])
-        latency = GaugeMetricFamily("modeld_model_latency_ms", "Median probe latency over the "
-                                    "window (ms); the configured estimate until measured",
+        latency = GaugeMetricFamily("modeld_model_latency_seconds", "Median probe latency "
+                                    "over the window; the configured estimate until measured",
                                     labels=["model_id", "role"])
         retired = GaugeMetricFamily("modeld_model_retired", "1 when the model is retired "
                                     "(kept as a fallback)", labels=["model_id", "role"])
@@ -48,18 +48,33 @@ class _RegistryCollector(Collector):
                 health.add_metric([model_id, role, status.value],
                                   1.0 if entry.health.status is status else 0.0)
             score.add_metric([model_id, role], entry.score.total)
-            latency.add_metric([model_id, role], expected_latency_ms(entry.spec, entry.health))
+            latency.add_metric([model_id, role],
+                               expected_latency_ms(entry.spec, entry.health) / 1000.0)
             retired.add_metric([model_id, role], 1.0 if entry.retired else 0.0)
+        usable = GaugeMetricFamily("modeld_role_usable_models", "Models resolve could answer "
+                                   "with in the role now (0: nothing usable, resolve fails)",
+                                   labels=["role"])
+        resolves_to = GaugeMetricFamily("modeld_role_resolves_to", "1 for the model resolve "
+                                        "answers with in each role (absent: nothing usable)",
+                                        labels=["role", "model_id"])
         for role_name, state in registry.roles.items():
             if state.primary is not None:
                 primary.add_metric([role_name, state.primary], 1.0)
+            try:
+                answer = registry.get_model_for_use(role_name)
+            except NoUsableModel:
+                usable.add_metric([role_name], 0.0)
+                continue
+            usable.add_metric([role_name], float(1 + len(answer.fallbacks)))
+            resolves_to.add_metric([role_name, answer.model_id], 1.0)
         offline = GaugeMetricFamily("modeld_offline_mode", "1 when offline mode is on")
         offline.add_metric([], 1.0 if registry.offline_mode else 0.0)
         counts = GaugeMetricFamily("modeld_models", "Models by health status",
                                    labels=["status"])
         for status_name, count in registry.health_counts().items():
             counts.add_metric([status_name], float(count))
-        yield from (health, score, latency, retired, primary, offline, counts)
+        yield from (health, score, latency, retired, primary, usable, resolves_to, offline,
+                    counts)
 
 
 class Metrics:
