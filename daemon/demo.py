@@ -62,7 +62,11 @@ class StepFailed(Exception):
 
 
 class _Terminated(BaseException):
-    """SIGTERM to the demo: unwind and clean up like Ctrl-C."""
+    """SIGTERM or SIGHUP to the demo: unwind and clean up like Ctrl-C."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 # ----------------------------------------------------------------------------- output
@@ -406,23 +410,45 @@ def _explore(demo: Demo) -> None:
 @contextlib.contextmanager
 def _signals_unwind() -> Iterator[None]:
     """Ctrl-C raises KeyboardInterrupt (even if started with SIGINT ignored, as background
-    jobs are) and SIGTERM unwinds the same way, so the cleanup in ``finally`` runs."""
+    jobs are) and SIGTERM unwinds the same way, so the cleanup in ``finally`` runs. So does
+    SIGHUP, the closing of the demo's terminal: the daemon runs in a session of its own and
+    would be left behind with the temporary directory."""
     def on_term(signum: int, frame: FrameType | None) -> None:
-        raise _Terminated()
+        raise _Terminated(signum)
+
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        # the terminal is gone: writing to it now fails (EIO), and the clean-up prints
+        _detach_output()
+        raise _Terminated(signum)
 
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     previous_term = signal.signal(signal.SIGTERM, on_term)
+    previous_hup = signal.signal(signal.SIGHUP, on_hangup)
     try:
         yield
     finally:
+        signal.signal(signal.SIGHUP, previous_hup)
         signal.signal(signal.SIGTERM, previous_term)
         signal.signal(signal.SIGINT, previous_int)
 
 
+def _detach_output() -> None:
+    """Point stdout and stderr at /dev/null (what is still buffered for them is dropped)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                os.dup2(devnull, stream.fileno())
+    finally:
+        os.close(devnull)
+
+
 @contextlib.contextmanager
 def _uninterruptible() -> Iterator[None]:
-    """Ignore Ctrl-C and SIGTERM while cleaning up: a second Ctrl-C must not leave a daemon."""
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    """Ignore Ctrl-C, SIGTERM and SIGHUP while cleaning up: a second Ctrl-C must not leave a
+    daemon."""
+    previous = {s: signal.signal(s, signal.SIG_IGN)
+                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
@@ -493,8 +519,10 @@ def main(keep_running: bool = False) -> int:
             failure, exit_code = f"the daemon failed: {exc}", 1
         except KeyboardInterrupt:
             failure, exit_code = "interrupted", 130
-        except _Terminated:
-            failure, exit_code = "terminated", 128 + signal.SIGTERM
+        except _Terminated as exc:
+            failure = "terminated" if exc.signum == signal.SIGTERM else (
+                f"terminated by {signal.Signals(exc.signum).name}")
+            exit_code = 128 + exc.signum
         finally:
             with _uninterruptible():
                 exit_code = _clean_up(demo, resources, workdir, failure, exit_code)

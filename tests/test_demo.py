@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -234,3 +235,48 @@ def test_sigterm_stops_everything_too(private_tmp: Path) -> None:
     assert code == 128 + signal.SIGTERM, demo.output
     assert "FAILED: terminated" in demo.output
     _assert_nothing_left(demo.output, private_tmp)
+
+
+def test_keep_running_cleans_up_when_its_terminal_closes(private_tmp: Path) -> None:
+    # the demo on a real terminal (a pty), as a terminal emulator runs it; closing the
+    # terminal sends SIGHUP, and every later write to it fails: the daemon (in a session of
+    # its own) and the work directory must still go
+    import pty
+    import select
+
+    pid, terminal = pty.fork()
+    if pid == 0:  # pragma: no cover - the child: become the demo
+        os.execve(sys.executable, [sys.executable, "-m", "daemon", "demo", "--keep-running"],
+                  _env(private_tmp))
+    seen = b""
+    try:
+        deadline = time.monotonic() + HANG_GUARD
+        while b"Press Ctrl-C to stop everything." not in seen:
+            assert time.monotonic() < deadline, seen.decode(errors="replace")
+            ready, _, _ = select.select([terminal], [], [], 1.0)
+            if ready:
+                try:
+                    seen += os.read(terminal, 65536)
+                except OSError:  # the demo ended (EIO on a pty whose other side closed)
+                    pytest.fail(f"the demo ended early:\n{seen.decode(errors='replace')}")
+        output = seen.decode(errors="replace")
+        workdir = _found(r"work dir:\s+(\S+)", output)
+        daemon_pid = int(_found(r"daemon:\s+pid (\d+)", output))
+        assert _pid_running(daemon_pid)
+    finally:
+        os.close(terminal)  # the terminal closes: the kernel sends SIGHUP to the demo
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the demo did not exit within 30 s of its terminal closing")
+        time.sleep(0.05)
+    left = {"exit": os.waitstatus_to_exitcode(done[1]), "dir": Path(workdir).exists(),
+            "daemon": _pid_running(daemon_pid), "tmp": list(private_tmp.iterdir())}
+    if left["daemon"]:  # not to leave it running for the rest of the suite
+        os.kill(daemon_pid, signal.SIGKILL)
+    shutil.rmtree(workdir, ignore_errors=True)
+    # it cleaned up, rather than being killed by the SIGHUP
+    assert left == {"exit": 0, "dir": False, "daemon": False, "tmp": []}
+    assert _processes_mentioning(workdir) == []
