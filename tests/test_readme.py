@@ -48,3 +48,42 @@ def test_every_metric_is_documented() -> None:
     assert "`process_*` metrics" in README
     for name in names - {n for n in names if n.startswith("process_")}:
         assert name in README, name
+
+
+LOG_METHODS = {"debug", "info", "warning", "error", "exception", "critical"}
+
+
+def logged_event_names() -> set[str]:
+    """Every event name the daemon logs: literal first arguments of log calls in daemon/ and
+    plugins/ (not the test helpers), and every event kind (the event listener logs those)."""
+    import ast
+
+    from daemon.core.model import EventKind
+
+    names = {kind.value for kind in EventKind}
+    sources = [p for p in [*ROOT.glob("daemon/**/*.py"), *ROOT.glob("plugins/*.py")]
+               if "testing" not in p.parts]
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in LOG_METHODS and node.args
+                    and isinstance(node.args[0], ast.Constant)
+                    and isinstance(node.args[0].value, str)
+                    and re.fullmatch(r"[a-z]+(_[a-z]+)+", node.args[0].value)):
+                names.add(node.args[0].value)
+    return names
+
+
+def test_every_logged_event_is_in_the_readmes_list() -> None:
+    logs = README.split("**Logs.**", 1)[1].split("API keys are never logged", 1)[0]
+    listed = set(re.findall(r"`([a-z]+(?:_[a-z]+)+)`", logs))
+    names = logged_event_names()
+    assert {"health_changed", "config_reload_failed", "state_write_failed"} <= names
+    assert names - listed == set(), "add them to the README's Logs paragraph"
+
+
+def test_every_event_kind_is_in_the_event_streams_list() -> None:
+    from daemon.core.model import EventKind
+
+    kinds = README.split("### The event stream", 1)[1].split("Kinds:", 1)[1].split("\n\n", 1)[0]
+    assert {kind.value for kind in EventKind} - set(re.findall(r"`(\w+)`", kinds)) == set()
