@@ -1093,3 +1093,23 @@ def test_durations_and_sizes_have_units() -> None:
     assert [text.duration(s) for s in (4.25, 45, 125, 7260, 97200 * 3)] == [
         "4.2 s", "45 s", "2 min 5 s", "2 h 1 min", "3 days 9 h"]
     assert [text.size(n) for n in (812, 6624, 3 << 20)] == ["812 B", "6.5 KiB", "3.0 MiB"]
+
+
+def test_status_shows_the_preferred_primary_and_holds_when_the_daemon_reports_them(
+    berlin: None
+) -> None:
+    from daemon.control import text
+
+    document = {"roles": {"chat": "llama3-8b"}, "role_details": {"chat": {
+        "role": "chat", "primary": "llama3-8b", "preferred": "gpt-4o",
+        "resolves_to": "llama3-8b",
+        "hold": {"until": NOW + 3600, "by": "uid=0 pid=9", "reason": "vendor outage"}}}}
+    out = text.format_status(document)
+    assert out.splitlines()[-2:] == [
+        "ROLE  PRIMARY    PREFERRED  RESOLVE ANSWERS  HOLD",
+        "chat  llama3-8b  gpt-4o     llama3-8b        until 2025-11-26 09:57:03 by root (uid 0): "
+        "vendor outage",
+    ]
+    without = text.format_status({"role_details": {"chat": {
+        "role": "chat", "primary": "a", "resolves_to": "a"}}})
+    assert "PREFERRED" not in without and "HOLD" not in without

@@ -90,3 +90,16 @@ def test_role_summary_names_the_model_resolve_answers_with() -> None:
     assert role_summary(registry, "chat")["resolves_to"] == "b"  # a fallback stands in
     registry.apply_probe("a", ProbeResult.healthy(40.0), T0 + 1)
     assert role_summary(registry, "chat")["resolves_to"] == "a"
+
+
+def test_a_refused_promotion_tells_modelctl_users_to_add_force() -> None:
+    import pytest
+
+    from daemon.core.registry import ModelUnavailable
+
+    registry, _ = registry_with_fanout()
+    with pytest.raises(ModelUnavailable) as refused:
+        registry.promote_model("b", now=T0)
+    assert refused.value.message == (
+        'refusing to promote "b": it is unknown (not probed yet); to promote it anyway: '
+        'modelctl promote b --force (API: "force": true)')

@@ -348,9 +348,9 @@ def _hold(hold: Any) -> str:
     if not isinstance(hold, dict):
         return "-"
     parts = [f"until {clock(hold['until'])}" if isinstance(hold.get("until"), int | float)
-             else "", f"by {who(hold.get('by'))}" if hold.get("by") else "",
-             str(hold.get("reason") or "")]
-    return " ".join(p for p in parts if p) or "held"
+             else "", f"by {who(hold.get('by'))}" if hold.get("by") else ""]
+    text = " ".join(p for p in parts if p) or "held"
+    return f"{text}: {humane(hold['reason'])}" if hold.get("reason") else text
 
 
 STATUS_SHOWN = {"version", "pid", "started_at", "uptime_s", "config_path", "state_file",
