@@ -103,3 +103,28 @@ def test_a_refused_promotion_tells_modelctl_users_to_add_force() -> None:
     assert refused.value.message == (
         'refusing to promote "b": it is unknown (not probed yet); to promote it anyway: '
         'modelctl promote b --force (API: "force": true)')
+
+
+def test_a_failed_state_write_is_logged_as_an_error_and_counted() -> None:
+    import errno
+
+    import anyio
+    import pytest
+
+    from daemon.control.api import StateNotSaved
+    from daemon.service.saving import StateSaver
+
+    class FullDisk:
+        path = "/var/lib/modeld/model_registry.json"
+
+        def write(self, snapshot: object) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    registry, metrics = registry_with_fanout()
+    saver = StateSaver(FullDisk(), lambda: registry, metrics,  # type: ignore[arg-type]
+                       structlog.get_logger("modeld"))
+    with capture_logs() as logs, pytest.raises(StateNotSaved):
+        anyio.run(saver.persist)
+    assert [(e["event"], e["log_level"], e["error"]) for e in logs] == [
+        ("state_write_failed", "error", "No space left on device")]
+    assert "modeld_state_write_failures_total 1.0" in metrics.render().decode()
