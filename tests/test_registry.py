@@ -690,6 +690,47 @@ def test_listeners_are_called_with_every_event():
     assert [e.kind for e in seen] == [EventKind.HEALTH_CHANGED, EventKind.MODEL_PROMOTED]
 
 
+def test_a_listener_that_raises_cannot_leave_a_half_done_rollback():
+    registry = auto_promoted()
+    heard: list[tuple[EventKind, str | None]] = []
+
+    def snapshot(event: Any) -> None:
+        # what the registry looked like when each event reached the listeners
+        heard.append((event.kind, registry.roles["chat"].primary))
+
+    def broken(event: Any) -> None:
+        if event.kind is EventKind.MODEL_ROLLED_BACK:
+            raise RuntimeError("observer bug")
+
+    registry.listeners[:] = [broken, snapshot]
+    registry.apply_probe("b", ProbeResult.failure("HTTP 503"), T0 + 60)
+    registry.apply_probe("b", ProbeResult.failure("HTTP 503"), T0 + 60)
+    with pytest.raises(RuntimeError, match="observer bug"):
+        registry.apply_probe("b", ProbeResult.failure("HTTP 503"), T0 + 60)
+    # the rollback is whole: previous primary back, b retired and quarantined
+    assert registry.roles["chat"].primary == "a"
+    assert registry.models["b"].retired and not registry.models["a"].retired
+    assert registry.quarantined_until["b"] == T0 + 60 + 3600
+    # every listener heard every event, each only after the whole change was made
+    assert heard[-3:] == [(EventKind.HEALTH_CHANGED, "a"), (EventKind.MODEL_ROLLED_BACK, "a"),
+                          (EventKind.MODEL_QUARANTINED, "a")]
+
+
+def test_events_of_an_operation_a_listener_starts_are_delivered_in_order():
+    registry = make(remote("a", primary=True), remote("b"), remote("c"))
+    up(registry, "b", "c")
+    seen: list[int] = []
+
+    def react(event: Any) -> None:
+        if event.kind is EventKind.MODEL_PROMOTED and event.to_id == "b":
+            registry.promote_model("c", now=T0 + 2)
+
+    registry.listeners[:] = [react, lambda e: seen.append(e.seq)]
+    registry.promote_model("b", now=T0 + 1)
+    assert registry.roles["chat"].primary == "c"
+    assert seen == sorted(seen) and seen[-1] == registry.event_seq
+
+
 def test_event_json_round_trips():
     registry = make(remote("a", primary=True), remote("b"))
     up(registry, "b")

@@ -2,9 +2,11 @@
 
 Pure and synchronous: no I/O, no awaits, no clock reads (``now`` is passed in). Each
 operation therefore runs atomically with respect to the event loop and needs no lock.
-Every change emits an :class:`~daemon.core.model.Event` to the registry's listeners and bumps
-``version``; decisions (promote, rollback, offline, reload) also bump ``decision_version``
-so the daemon knows to make them durable before it answers.
+Every change records an :class:`~daemon.core.model.Event` and bumps ``version``; decisions
+(promote, rollback, offline, reload, holds) also bump ``decision_version`` so the daemon knows
+to make them durable before it answers. Events are queued and handed to the listeners only
+once the operation has finished its change: a listener that raises, or that calls back into
+the registry, never sees (or leaves) a half-done rollback.
 
 The seed's names are kept: ``get_model_for_use``, ``promote_model``, ``rollback_model``,
 ``set_offline_mode``, ``auto_upgrade_check``, ``evaluate_model`` (here ``apply_probe``: the
@@ -13,11 +15,12 @@ probe's I/O lives in the prober).
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from . import policy
 from .health import HealthState, apply_probe
@@ -244,6 +247,29 @@ class ConfigDiff:
 
 # ----------------------------------------------------------------------------- registry
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _operation(
+    method: Callable[Concatenate[ModelRegistry, _P], _R],
+) -> Callable[Concatenate[ModelRegistry, _P], _R]:
+    """A public registry operation: the events it records reach the listeners after it
+    has finished (after the outermost one, when operations call each other)."""
+
+    @functools.wraps(method)
+    def run(self: ModelRegistry, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        self._depth += 1
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self._deliver()
+
+    return run
+
+
 
 class ModelRegistry:
     """Every model's spec and state, every role's primary and history, offline mode."""
@@ -259,6 +285,9 @@ class ModelRegistry:
         self.version = 0
         self.decision_version = 0
         self.listeners: list[Callable[[Event], None]] = []
+        self._pending: deque[Event] = deque()  # recorded, not yet handed to the listeners
+        self._depth = 0  # operations in progress (they call each other)
+        self._delivering = False
         self._last_suggestion: dict[str, tuple[str | None, str]] = {}
         for spec in config.models:
             self.models[spec.id] = ModelEntry(spec=spec)
@@ -268,6 +297,7 @@ class ModelRegistry:
                 self._set_initial_primary(spec, now)
         self._refresh_offline_marks()
 
+    @_operation
     def restore(self, *, now: float, offline_mode: bool, observed: Mapping[str, Observed],
                 roles: Mapping[str, RoleState], quarantined_until: Mapping[str, float],
                 events: Iterable[Event], event_seq: int) -> None:
@@ -355,9 +385,34 @@ class ModelRegistry:
                       from_id=from_id or "", to_id=to_id or "", reason=reason, actor=actor,
                       data=MappingProxyType(data))
         self.events.append(event)
-        for listener in list(self.listeners):
-            listener(event)
+        self._pending.append(event)
         return event
+
+    def _deliver(self) -> None:
+        """Hand the queued events to the listeners, oldest first. Every listener hears every
+        event even when one raises; the first error is raised once all are delivered (the
+        change itself is complete by then). Events of operations a listener starts are
+        queued behind and delivered by this same loop, in order."""
+        if self._delivering:
+            return
+        self._delivering = True
+        errors: list[Exception] = []
+        try:
+            while self._pending:
+                event = self._pending.popleft()
+                for listener in list(self.listeners):
+                    try:
+                        listener(event)
+                    except Exception as exc:  # raised below, once every listener heard every event
+                        errors.append(exc)
+        finally:
+            self._delivering = False
+        if errors:
+            first = errors[0]
+            if len(errors) > 1:
+                first.add_note(f"{len(errors) - 1} more listener error(s): "
+                               + "; ".join(f"{type(e).__name__}: {e}" for e in errors[1:]))
+            raise first
 
     def events_since(self, seq: int) -> list[Event]:
         """Events with a sequence number greater than ``seq``, oldest first."""
@@ -365,6 +420,7 @@ class ModelRegistry:
 
     # --------------------------------------------------------------- probes
 
+    @_operation
     def apply_probe(self, model_id: str, result: ProbeResult, now: float) -> ProbeApplied:
         """Fold one probe result into the model's health and score (the seed's evaluate_model).
 
@@ -406,6 +462,7 @@ class ModelRegistry:
                   f"automatic promotion (probation {self.config.policy.probation:g}s)")
         return self.rollback_model(entry.spec.role, now=now, actor="policy", reason=reason)
 
+    @_operation
     def mark_not_probed(self, model_id: str, reason: str) -> None:
         """Record why a model is skipped by the scheduler (offline mode)."""
         entry = self.entry(model_id)
@@ -475,6 +532,7 @@ class ModelRegistry:
 
     # --------------------------------------------------------------- decisions
 
+    @_operation
     def promote_model(self, model_id: str, *, now: float, actor: str = "daemon",
                       reason: str = "", force: bool = False,
                       automatic: bool = False) -> list[Change]:
@@ -532,6 +590,7 @@ class ModelRegistry:
         raise RoleRequired(f"several roles have promotions to roll back "
                            f"({', '.join(with_history)}); name one with role")
 
+    @_operation
     def rollback_model(self, role: str | None = None, *, now: float, actor: str = "daemon",
                        reason: str = "") -> list[Change]:
         """Undo the role's last promotion: the previous primary returns, the current one is
@@ -562,6 +621,7 @@ class ModelRegistry:
             self.quarantine(current, now=now, reason=f"rolled back: {reason}")
         return [Change(role_name, current, restored, reason)]
 
+    @_operation
     def quarantine(self, model_id: str, *, now: float, reason: str) -> None:
         """Keep a model from automatic promotion for ``policy.quarantine`` seconds."""
         entry = self.entry(model_id)
@@ -571,6 +631,7 @@ class ModelRegistry:
         self._emit(now, EventKind.MODEL_QUARANTINED, role=entry.spec.role, model_id=model_id,
                    reason=reason, actor="policy", until=until)
 
+    @_operation
     def set_offline_mode(self, enabled: bool, *, now: float, actor: str = "daemon",
                          reason: str = "") -> bool:
         """Turn offline mode on or off; returns whether it changed."""
@@ -602,6 +663,7 @@ class ModelRegistry:
                 suggestions.append(found)
         return suggestions
 
+    @_operation
     def note_suggestions(self, suggestions: Iterable[Suggestion], now: float) -> list[Suggestion]:
         """Emit an event for each suggestion that is new since the last check of its role."""
         fresh = []
@@ -621,6 +683,7 @@ class ModelRegistry:
                        score_from=suggestion.score_from, score_to=suggestion.score_to)
         return fresh
 
+    @_operation
     def auto_upgrade_execute(self, now: float, *, actor: str = "policy",
                              respect_cooldown: bool = True) -> list[Change]:
         """Act on the current suggestions. With ``respect_cooldown`` (the timer), a role
@@ -639,6 +702,7 @@ class ModelRegistry:
 
     # --------------------------------------------------------------- configuration
 
+    @_operation
     def apply_config(self, config: Config, now: float, actor: str = "config") -> ConfigDiff:
         """Adopt a new configuration: new models start fresh, removed ones leave, changed ones
         keep their observed state (rescored under the new spec and weights)."""
@@ -681,6 +745,7 @@ class ModelRegistry:
                    added=list(added), removed=list(removed), changed=list(changed))
         return ConfigDiff(added, removed, changed)
 
+    @_operation
     def note_config_rejected(self, now: float, *, actor: str, errors: Sequence[str]) -> Event:
         """Record that a new configuration was refused and the old one kept (an event)."""
         return self._emit(now, EventKind.CONFIG_RELOAD_FAILED, actor=actor,
