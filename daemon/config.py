@@ -203,6 +203,12 @@ SCHEMA: dict[str, tuple[type, tuple[Key, ...]]] = {
                 "is rolled back"),
             Key("quarantine", "duration", "a model rolled back from is not auto-promoted again "
                 "for this long"),
+            Key("sustain", "duration", "an optional upgrade's lead must have held this long "
+                "(0s: at the first check that sees it)"),
+            Key("failback", "bool", "after an urgent failover, return to the preferred primary "
+                "once it is healthy again"),
+            Key("manual_hold", "duration", "an operator's promote or rollback holds the role "
+                "against optional promotions this long (0s: no hold)"),
         ),
     ),
 }

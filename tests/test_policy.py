@@ -12,7 +12,7 @@ from daemon.core.policy import Candidate, cooldown_remaining, in_probation, sugg
 from daemon.core.settings import PolicyConfig
 
 CFG = PolicyConfig(min_margin=0.05, min_consecutive_healthy=5, cooldown=1800.0,
-                   probation=600.0, quarantine=3600.0)
+                   probation=600.0, quarantine=3600.0, sustain=0.0)
 NOW = 10_000.0
 H = HealthStatus.HEALTHY
 
@@ -57,7 +57,7 @@ def test_candidate_scoring_below_the_primary_is_not_suggested():
 
 
 def test_zero_margin_suggests_an_equal_score():
-    config = PolicyConfig(min_margin=0.0, min_consecutive_healthy=5)
+    config = PolicyConfig(min_margin=0.0, min_consecutive_healthy=5, sustain=0.0)
     assert pick(cand("b", 0.70), config=config) is not None
 
 
@@ -140,7 +140,8 @@ def test_suggestion_json_has_the_api_shape():
     found = pick(cand("b", 0.8123456789))
     assert found is not None
     assert found.to_json() == {"role": "chat", "from": "a", "to": "b", "reason": found.reason,
-                               "score_from": 0.7, "score_to": 0.812346}
+                               "score_from": 0.7, "score_to": 0.812346, "kind": "upgrade",
+                               "urgent": False}
 
 
 # ----------------------------------------------------------------------------- ties

@@ -37,7 +37,11 @@ def local(model_id: str, role: str = "chat", **fields: Any) -> dict[str, Any]:
 
 
 def make_config(*models: dict[str, Any], **sections: Any) -> Config:
-    return parse_config({"models": list(models), **sections}, "test.toml")
+    # These tests pin one rule at a time: the lead needs no time to be sustained and a
+    # manual promotion holds nothing unless a test says otherwise (tests/test_policy_rules.py
+    # pins sustain and holds with their defaults).
+    policy = {"sustain": 0, "manual_hold": 0, **sections.pop("policy", {})}
+    return parse_config({"models": list(models), "policy": policy, **sections}, "test.toml")
 
 
 def make(*models: dict[str, Any], now: float = T0, **sections: Any) -> ModelRegistry:
@@ -562,11 +566,15 @@ def test_unavailable_primary_bypasses_the_cooldown():
     assert "primary b is unavailable" in changes[0].reason
 
 
-def test_manual_promotion_does_not_start_the_cooldown():
+def test_manual_promotion_without_a_hold_does_not_start_the_cooldown():
+    # manual_hold = "0s": the operator asked for no hold, so nothing protects the choice but
+    # sustain (0 here) — the policy may undo it at its next tick; with the default hold it
+    # may not (tests/test_policy_rules.py)
     registry = policy_registry()
     up(registry, "a", "b", "c")
     registry.promote_model("b", now=T0)
     assert registry.roles["chat"].last_auto_promotion_at is None
+    assert registry.roles["chat"].hold is None
     assert [(c.from_id, c.to_id) for c in registry.auto_upgrade_execute(T0 + 1)] == [("b", "c")]
 
 

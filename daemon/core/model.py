@@ -167,6 +167,8 @@ class EventKind(StrEnum):
     CONFIG_RELOAD_FAILED = "config_reload_failed"
     MODEL_ADDED = "model_added"
     MODEL_REMOVED = "model_removed"
+    ROLE_HELD = "role_held"
+    ROLE_RELEASED = "role_released"
 
 
 @dataclass(frozen=True, slots=True)

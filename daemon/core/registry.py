@@ -23,6 +23,7 @@ from types import MappingProxyType
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from . import policy
+from .clock import STEP_TOLERANCE, Instant, Now
 from .health import HealthState, apply_probe
 from .model import (
     Event,
@@ -35,7 +36,7 @@ from .model import (
     json_safe,
 )
 from .policy import Candidate, Suggestion
-from .scoring import ZERO, ScoreParts, score
+from .scoring import ZERO, ScoreParts, score, score_since_recovery
 from .settings import Config
 
 EVENTS_KEPT = 1000
@@ -77,6 +78,11 @@ class ModelUnavailable(RegistryError):
 class NothingToRollBack(RegistryError):
     code = "nothing_to_roll_back"
     status = 409
+
+
+class InvalidHold(RegistryError):
+    code = "invalid_hold"
+    status = 422
 
 
 class RoleRequired(RegistryError):
@@ -195,9 +201,39 @@ class ModelEntry:
     not_probed: str = ""  # why the model is not being probed now (offline mode), if it is not
 
 
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """An operator's hold on a role: no optional promotion there until ``until``."""
+
+    by: str
+    reason: str
+    since: float
+    until: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"by": self.by, "reason": self.reason, "since": self.since, "until": self.until}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Hold:
+        since, until = raw["since"], raw["until"]
+        for value in (since, until):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"a hold's since and until must be numbers, got {value!r:.40}")
+        return cls(str(raw.get("by", "")), str(raw.get("reason", "")), float(since),
+                   float(until))
+
+    def shifted(self, delta: float) -> Hold:
+        return replace(self, since=self.since + delta, until=self.until + delta)
+
+
 @dataclass(slots=True)
 class RoleState:
-    """One role: its primary, what a rollback would restore, and its history."""
+    """One role: its primary, what a rollback would restore, and its history.
+
+    ``preferred`` is the primary the role returns to after an urgent failover (the target of
+    the last deliberate choice: an operator's promote or rollback, a policy upgrade);
+    ``promotion_kind`` says how the current primary got there (initial, manual, rollback,
+    upgrade, failover, failback)."""
 
     primary: str | None = None
     stack: list[Promotion] = field(default_factory=list)
@@ -205,6 +241,10 @@ class RoleState:
     promoted_at: float | None = None
     promoted_automatically: bool = False
     last_auto_promotion_at: float | None = None
+    preferred: str | None = None
+    hold: Hold | None = None
+    promotion_kind: str = ""
+    last_failback_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,7 +314,11 @@ def _operation(
 class ModelRegistry:
     """Every model's spec and state, every role's primary and history, offline mode."""
 
-    def __init__(self, config: Config, now: float, *, offline_mode: bool = False) -> None:
+    def __init__(self, config: Config, now: Now, *, offline_mode: bool = False) -> None:
+        self._skew: float | None = None  # wall minus steady time, as of the last Instant
+        self._next_expiry: float | None = None  # the earliest hold to end
+        self._leads: dict[str, policy.Leads] = {}
+        now = self._at(now)
         self.config = config
         self.models: dict[str, ModelEntry] = {}
         self.roles: dict[str, RoleState] = {}
@@ -298,17 +342,24 @@ class ModelRegistry:
         self._refresh_offline_marks()
 
     @_operation
-    def restore(self, *, now: float, offline_mode: bool, observed: Mapping[str, Observed],
+    def restore(self, *, now: Now, offline_mode: bool, observed: Mapping[str, Observed],
                 roles: Mapping[str, RoleState], quarantined_until: Mapping[str, float],
                 events: Iterable[Event], event_seq: int) -> None:
         """Adopt what a saved state observed, on top of this fresh registry for the current
         configuration. State of models no longer declared is dropped; a role keeps its saved
         primary only if that model is still declared in it; a role with no saved history
-        keeps the primary the configuration declares."""
+        keeps the primary the configuration declares.
+
+        Saved times are wall times. One in the future (the clock was stepped back while the
+        daemon was down) is clamped: a start to now, a quarantine to at most
+        ``policy.quarantine`` from now, a hold to at most its own length from now."""
+        now = self._at(now)
         self.offline_mode = offline_mode
         self.events = deque(events, maxlen=EVENTS_KEPT)
         self.event_seq = event_seq
-        self.quarantined_until = {model_id: until for model_id, until in quarantined_until.items()
+        longest = self.config.policy.quarantine
+        self.quarantined_until = {model_id: min(until, now + longest)
+                                  for model_id, until in quarantined_until.items()
                                   if model_id in self.models and until > now}
         for model_id, seen in observed.items():
             entry = self.models.get(model_id)
@@ -329,7 +380,17 @@ class ModelRegistry:
             saved.primary = saved.primary if saved.primary in members else None
             saved.stack = [p for p in saved.stack if p.to_id in members
                            and (p.from_id is None or p.from_id in members)]
+            saved.preferred = (saved.preferred if saved.preferred in members
+                               else saved.primary)
+            saved.promoted_at = _not_after(saved.promoted_at, now)
+            saved.last_auto_promotion_at = _not_after(saved.last_auto_promotion_at, now)
+            saved.last_failback_at = _not_after(saved.last_failback_at, now)
+            if saved.hold is not None and saved.hold.since > now:
+                saved.hold = saved.hold.shifted(now - saved.hold.since)
+            if saved.hold is not None and saved.hold.until <= now:
+                saved.hold = None  # ended while the daemon was down
             self.roles[role_name] = saved
+        self._plan_expiry()
         for state in self.roles.values():
             if state.primary is not None:
                 self.models[state.primary].retired = False
@@ -346,9 +407,75 @@ class ModelRegistry:
     def _set_initial_primary(self, spec: ModelSpec, now: float) -> None:
         role = self.roles[spec.role]
         role.primary = spec.id
+        role.preferred = spec.id
+        role.promotion_kind = "initial"
         self.models[spec.id].retired = False
         role.history.append(HistoryEntry(now, "initial", None, spec.id,
                                          "primary = true in the configuration", "config"))
+
+    # --------------------------------------------------------------- time
+
+    def _at(self, now: Now) -> float:
+        """The wall time of ``now``. Given an :class:`Instant` whose two clocks have drifted
+        apart since the last one (the wall clock was stepped), every stored time is first
+        shifted by the step, so durations run on as if the clock had not moved. Holds that
+        have ended by then are released."""
+        if isinstance(now, Instant):
+            if self._skew is None:
+                self._skew = now.skew
+            elif abs(now.skew - self._skew) > STEP_TOLERANCE:
+                self._shift(now.skew - self._skew)
+                self._skew = now.skew
+            at = now.wall
+        else:
+            at = float(now)
+        if self._next_expiry is not None and at >= self._next_expiry:
+            self._expire_holds(at)
+        return at
+
+    def _shift(self, delta: float) -> None:
+        """Move every stored time that a duration is measured from by ``delta`` seconds."""
+        def moved(value: float | None) -> float | None:
+            return None if value is None else value + delta
+
+        for role in self.roles.values():
+            role.promoted_at = moved(role.promoted_at)
+            role.last_auto_promotion_at = moved(role.last_auto_promotion_at)
+            role.last_failback_at = moved(role.last_failback_at)
+            if role.hold is not None:
+                role.hold = role.hold.shifted(delta)
+        self.quarantined_until = {k: v + delta for k, v in self.quarantined_until.items()}
+        self._leads = {k: v.shifted(delta) for k, v in self._leads.items()}
+        for entry in self.models.values():
+            if entry.health.changed_at is not None:
+                entry.health = replace(entry.health, changed_at=entry.health.changed_at + delta)
+        self._next_expiry = moved(self._next_expiry)
+        self._touch()  # the shifted times are saved with the next write
+
+    def _expire_holds(self, now: float) -> None:
+        for name in sorted(self.roles):
+            hold = self.roles[name].hold
+            if hold is not None and hold.until <= now:
+                self._end_hold(name, now, actor="policy",
+                               reason=f"the hold by {hold.by} ended (it was for "
+                               f"{hold.until - hold.since:g}s)")
+        self._plan_expiry()
+
+    def _plan_expiry(self) -> None:
+        ends = [r.hold.until for r in self.roles.values() if r.hold is not None]
+        self._next_expiry = min(ends) if ends else None
+
+    def active_hold(self, role: str, now: Now) -> Hold | None:
+        """The hold in force on ``role`` at ``now``, if any (reads only)."""
+        state = self.roles.get(role)
+        hold = state.hold if state is not None else None
+        return hold if hold is not None and hold.until > self._peek(now) else None
+
+    def _peek(self, now: Now) -> float:
+        """The wall time of ``now`` in the frame the stored times are in, changing nothing."""
+        if isinstance(now, Instant) and self._skew is not None:
+            return now.wall - (now.skew - self._skew)
+        return float(now) if not isinstance(now, Instant) else now.wall
 
     def entry(self, model_id: str) -> ModelEntry:
         """The entry of a model; raises UnknownModel naming the known ids."""
@@ -421,13 +548,14 @@ class ModelRegistry:
     # --------------------------------------------------------------- probes
 
     @_operation
-    def apply_probe(self, model_id: str, result: ProbeResult, now: float) -> ProbeApplied:
+    def apply_probe(self, model_id: str, result: ProbeResult, now: Now) -> ProbeApplied:
         """Fold one probe result into the model's health and score (the seed's evaluate_model).
 
         When the model is a primary promoted automatically and still on probation, and this
         result makes it unavailable, the promotion is rolled back at once and the model
         quarantined.
         """
+        now = self._at(now)
         entry = self.entry(model_id)
         result = _sane(result)
         old = entry.health.status
@@ -460,7 +588,8 @@ class ModelRegistry:
         after = now - role.promoted_at
         reason = (f"probation: {entry.spec.id} became unavailable {after:.1f}s after its "
                   f"automatic promotion (probation {self.config.policy.probation:g}s)")
-        return self.rollback_model(entry.spec.role, now=now, actor="policy", reason=reason)
+        return self.rollback_model(entry.spec.role, now=now, actor="policy", reason=reason,
+                                   automatic=True)
 
     @_operation
     def mark_not_probed(self, model_id: str, reason: str) -> None:
@@ -533,18 +662,34 @@ class ModelRegistry:
     # --------------------------------------------------------------- decisions
 
     @_operation
-    def promote_model(self, model_id: str, *, now: float, actor: str = "daemon",
+    def promote_model(self, model_id: str, *, now: Now, actor: str = "daemon",
                       reason: str = "", force: bool = False,
-                      automatic: bool = False) -> list[Change]:
+                      automatic: bool = False, kind: str = "") -> list[Change]:
         """Make ``model_id`` its role's primary; the old primary is retired, kept as fallback.
 
         Refused for a model that is unavailable or never probed, unless ``force``.
-        Promoting the current primary changes nothing and returns no changes.
+        Promoting the current primary changes no primary and returns no changes; when a
+        stand-in is primary, an operator's promotion of it makes it the preferred primary
+        (and holds the role), so the role does not fail back from it.
+
+        ``kind`` (automatic promotions): failover, failback or upgrade. A manual promotion,
+        and an upgrade, make the model the role's preferred primary; a failover keeps the
+        preferred one, to fail back to. A manual promotion holds the role for
+        ``policy.manual_hold``.
         """
+        now = self._at(now)
         entry = self.entry(model_id)
         role_name = entry.spec.role
         role = self.roles[role_name]
+        kind = kind or (policy.UPGRADE if automatic else "manual")
         if role.primary == model_id:
+            if not automatic and role.preferred != model_id:
+                role.preferred = model_id
+                self._record(role, HistoryEntry(now, "prefer", model_id, model_id,
+                                                reason or f"kept as primary by {actor}", actor))
+                self._touch(decision=True)
+                self._hold_after_manual(role_name, now, actor, reason or
+                                        f"{model_id} kept as primary by {actor}")
             return []
         status = entry.health.status
         if not force and not status.usable:
@@ -563,14 +708,28 @@ class ModelRegistry:
         role.primary = model_id
         role.promoted_at = now
         role.promoted_automatically = automatic
+        role.promotion_kind = kind
         if automatic:
             role.last_auto_promotion_at = now
+        if kind == policy.FAILOVER:
+            role.preferred = role.preferred or old  # the stand-in is not preferred
+        elif kind != policy.FAILBACK:
+            role.preferred = model_id
         self._record(role, HistoryEntry(now, "promote", old, model_id, reason, actor))
         self._touch(decision=True)
         self._emit(now, EventKind.MODEL_PROMOTED, role=role_name, model_id=model_id,
                    from_id=old, to_id=model_id, reason=reason, actor=actor,
-                   automatic=automatic, forced=force)
+                   automatic=automatic, forced=force, promotion=kind,
+                   failback=kind == policy.FAILBACK)
+        if not automatic:
+            self._hold_after_manual(role_name, now, actor, reason)
         return [Change(role_name, old, model_id, reason)]
+
+    def _hold_after_manual(self, role_name: str, now: float, actor: str, reason: str) -> None:
+        # the promote or rollback entry of the history is the audit of this hold
+        if self.config.policy.manual_hold > 0:
+            self._start_hold(role_name, now, actor, reason, self.config.policy.manual_hold,
+                             record=False)
 
     def _record(self, role: RoleState, entry: HistoryEntry) -> None:
         role.history.append(entry)
@@ -591,12 +750,17 @@ class ModelRegistry:
                            f"({', '.join(with_history)}); name one with role")
 
     @_operation
-    def rollback_model(self, role: str | None = None, *, now: float, actor: str = "daemon",
-                       reason: str = "") -> list[Change]:
+    def rollback_model(self, role: str | None = None, *, now: Now, actor: str = "daemon",
+                       reason: str = "", automatic: bool = False) -> list[Change]:
         """Undo the role's last promotion: the previous primary returns, the current one is
         retired and quarantined (the policy will not promote it again for
         ``policy.quarantine``, so a rollback is not undone by the next timer tick).
-        Repeatable, one level per call, as deep as the history goes."""
+        Repeatable, one level per call, as deep as the history goes.
+
+        An operator's rollback (not ``automatic``) makes the restored model the preferred
+        primary and holds the role; the policy's (probation) makes it preferred only when it
+        undoes the policy's own upgrade."""
+        now = self._at(now)
         role_name = self._rollback_role(role)
         state = self.roles[role_name]
         if not state.stack:
@@ -609,21 +773,29 @@ class ModelRegistry:
             self.models[current].retired = True
         if restored is not None:
             self.models[restored].retired = False
+        if restored is not None and (not automatic or state.promotion_kind == policy.UPGRADE
+                                     or state.preferred in (None, current)):
+            state.preferred = restored
         state.primary = restored
         state.promoted_at = now
         state.promoted_automatically = False
+        state.promotion_kind = "rollback"
         reason = reason or f"manual rollback by {actor}"
         self._record(state, HistoryEntry(now, "rollback", current, restored, reason, actor))
         self._touch(decision=True)
         self._emit(now, EventKind.MODEL_ROLLED_BACK, role=role_name, model_id=restored or "",
-                   from_id=current, to_id=restored, reason=reason, actor=actor)
+                   from_id=current, to_id=restored, reason=reason, actor=actor,
+                   automatic=automatic)
         if current is not None and current in self.models:
             self.quarantine(current, now=now, reason=f"rolled back: {reason}")
+        if not automatic:
+            self._hold_after_manual(role_name, now, actor, reason)
         return [Change(role_name, current, restored, reason)]
 
     @_operation
-    def quarantine(self, model_id: str, *, now: float, reason: str) -> None:
+    def quarantine(self, model_id: str, *, now: Now, reason: str) -> None:
         """Keep a model from automatic promotion for ``policy.quarantine`` seconds."""
+        now = self._at(now)
         entry = self.entry(model_id)
         until = now + self.config.policy.quarantine
         self.quarantined_until[model_id] = until
@@ -632,9 +804,10 @@ class ModelRegistry:
                    reason=reason, actor="policy", until=until)
 
     @_operation
-    def set_offline_mode(self, enabled: bool, *, now: float, actor: str = "daemon",
+    def set_offline_mode(self, enabled: bool, *, now: Now, actor: str = "daemon",
                          reason: str = "") -> bool:
         """Turn offline mode on or off; returns whether it changed."""
+        now = self._at(now)
         if enabled == self.offline_mode:
             return False
         self.offline_mode = enabled
@@ -646,26 +819,53 @@ class ModelRegistry:
 
     # --------------------------------------------------------------- auto-upgrade
 
-    def _candidate(self, entry: ModelEntry) -> Candidate:
+    def _candidate(self, entry: ModelEntry, as_primary: bool = False) -> Candidate:
+        if as_primary:
+            judged = score_since_recovery(entry.spec, entry.health, self.config.score,
+                                          self.config.health.failure_threshold)
+            return Candidate(entry.spec.id, entry.health.status, judged.total,
+                             entry.health.consecutive_successes, self.eligible(entry),
+                             window_score=entry.score.total)
         return Candidate(entry.spec.id, entry.health.status, entry.score.total,
                          entry.health.consecutive_successes, self.eligible(entry))
 
-    def auto_upgrade_check(self, now: float) -> list[Suggestion]:
-        """Promotions the policy recommends now, one role at most once; changes nothing."""
-        suggestions = []
-        for role_name in sorted(self._by_role):
-            primary_id = self.roles[role_name].primary
-            primary = self._candidate(self.models[primary_id]) if primary_id else None
-            members = [self._candidate(e) for e in self.role_members(role_name)]
-            found = policy.suggest(role_name, primary, members, self.quarantined_until, now,
-                                   self.config.policy)
-            if found is not None:
-                suggestions.append(found)
-        return suggestions
+    def _hold_text(self, hold: Hold, now: float) -> str:
+        text = f"by {hold.by} for {max(hold.until - now, 0.0):.0f}s more"
+        return f"{text} ({hold.reason})" if hold.reason else text
 
     @_operation
-    def note_suggestions(self, suggestions: Iterable[Suggestion], now: float) -> list[Suggestion]:
+    def auto_upgrade_decisions(self, now: Now) -> list[policy.Decision]:
+        """The policy's decision for every role, with why nothing is suggested where nothing
+        is. Changes no primary; it remembers since when each candidate leads (for
+        ``sustain``), so every evaluation is one sample of the lead."""
+        now = self._at(now)
+        decisions = []
+        for role_name in sorted(self._by_role):
+            state = self.roles[role_name]
+            primary_id = state.primary
+            primary = self._candidate(self.models[primary_id], True) if primary_id else None
+            members = [self._candidate(e) for e in self.role_members(role_name)]
+            hold = state.hold if state.hold is not None and state.hold.until > now else None
+            decision = policy.decide(
+                role_name, primary, members, self.quarantined_until, now, self.config.policy,
+                preferred=state.preferred, leads=self._leads.get(role_name),
+                held=None if hold is None else self._hold_text(hold, now))
+            if decision.leads is None:
+                self._leads.pop(role_name, None)
+            else:
+                self._leads[role_name] = decision.leads
+            decisions.append(decision)
+        return decisions
+
+    def auto_upgrade_check(self, now: Now) -> list[Suggestion]:
+        """Promotions the policy recommends now, one role at most once; changes no primary."""
+        return [d.suggestion for d in self.auto_upgrade_decisions(now)
+                if d.suggestion is not None]
+
+    @_operation
+    def note_suggestions(self, suggestions: Iterable[Suggestion], now: Now) -> list[Suggestion]:
         """Emit an event for each suggestion that is new since the last check of its role."""
+        now = self._at(now)
         fresh = []
         current = {s.role: s for s in suggestions}
         for role_name in list(self._last_suggestion):
@@ -684,28 +884,102 @@ class ModelRegistry:
         return fresh
 
     @_operation
-    def auto_upgrade_execute(self, now: float, *, actor: str = "policy",
+    def auto_upgrade_execute(self, now: Now, *, actor: str = "policy",
                              respect_cooldown: bool = True) -> list[Change]:
         """Act on the current suggestions. With ``respect_cooldown`` (the timer), a role
-        promoted automatically less than ``cooldown`` ago is left alone unless its primary is
-        unavailable or missing."""
+        promoted automatically less than ``cooldown`` ago is not upgraded, and a role that
+        failed back less than ``cooldown`` ago does not fail back again (a failback right after
+        the failover it undoes is never delayed); an urgent failover always goes ahead."""
+        now = self._at(now)
         changes: list[Change] = []
         for suggestion in self.auto_upgrade_check(now):
             role = self.roles[suggestion.role]
-            if respect_cooldown and not suggestion.urgent and policy.cooldown_remaining(
-                    role.last_auto_promotion_at, now, self.config.policy) > 0:
-                continue
+            if respect_cooldown and not suggestion.urgent:
+                since = (role.last_failback_at if suggestion.kind == policy.FAILBACK
+                         else role.last_auto_promotion_at)
+                if policy.cooldown_remaining(since, now, self.config.policy) > 0:
+                    continue
+            label = "auto-upgrade" if suggestion.kind == policy.UPGRADE else suggestion.kind
             changes += self.promote_model(suggestion.to_id, now=now, actor=actor,
-                                          reason=f"auto-upgrade: {suggestion.reason}",
-                                          automatic=True)
+                                          reason=f"{label}: {suggestion.reason}",
+                                          automatic=True, kind=suggestion.kind)
+            if suggestion.kind == policy.FAILBACK and not suggestion.urgent:
+                role.last_failback_at = now
         return changes
+
+    # --------------------------------------------------------------- holds
+
+    def _start_hold(self, role_name: str, now: float, actor: str, reason: str,
+                    seconds: float, record: bool = True) -> Hold:
+        state = self.roles[role_name]
+        hold = Hold(actor, reason, now, now + seconds)
+        state.hold = hold
+        self._plan_expiry()
+        if record:
+            self._record(state, HistoryEntry(now, "hold", state.primary, state.primary,
+                                             f"held for {seconds:g}s: {reason}", actor))
+        self._touch(decision=True)
+        self._emit(now, EventKind.ROLE_HELD, role=role_name, model_id=state.primary or "",
+                   reason=reason, actor=actor, until=hold.until, seconds=seconds,
+                   preferred=state.preferred)
+        return hold
+
+    def _end_hold(self, role_name: str, now: float, actor: str, reason: str) -> Hold | None:
+        state = self.roles[role_name]
+        hold = state.hold
+        if hold is None:
+            return None
+        state.hold = None
+        self._plan_expiry()
+        self._record(state, HistoryEntry(now, "release", state.primary, state.primary, reason,
+                                         actor))
+        self._touch(decision=True)
+        self._emit(now, EventKind.ROLE_RELEASED, role=role_name, model_id=state.primary or "",
+                   reason=reason, actor=actor, held_by=hold.by, held_since=hold.since)
+        return hold
+
+    def _known_role(self, role: str) -> RoleState:
+        state = self.roles.get(role)
+        if state is None:
+            roles = ", ".join(sorted(self.roles)) or "none"
+            raise UnknownRole(f'unknown role "{role}" (roles: {roles})', role=role)
+        return state
+
+    @_operation
+    def hold_role(self, role: str, *, now: Now, actor: str = "daemon", reason: str = "",
+                  seconds: float | None = None) -> Hold:
+        """Hold ``role`` against optional promotions for ``seconds`` (default
+        ``policy.manual_hold``) without promoting; a hold in force is replaced. Urgent
+        failovers and failbacks to the preferred primary still happen."""
+        now = self._at(now)
+        self._known_role(role)
+        if seconds is None:
+            seconds = self.config.policy.manual_hold
+            if seconds <= 0:
+                raise InvalidHold(f'role "{role}": say how long to hold it (modelctl hold '
+                                  f'{role} --for 2h; API: "for": "2h"): policy.manual_hold is '
+                                  "0s, so there is no default hold", role=role)
+        if not seconds > 0 or seconds == float("inf"):
+            raise InvalidHold(f'role "{role}": a hold must last a finite time greater than 0s, '
+                              f"got {seconds!r}", role=role)
+        return self._start_hold(role, now, actor, reason or f"held by {actor}", seconds)
+
+    @_operation
+    def release_role(self, role: str, *, now: Now, actor: str = "daemon",
+                     reason: str = "") -> Hold | None:
+        """End the hold on ``role``; the hold that ended, or None when there was none (then
+        nothing changes)."""
+        now = self._at(now)
+        self._known_role(role)
+        return self._end_hold(role, now, actor, reason or f"released by {actor}")
 
     # --------------------------------------------------------------- configuration
 
     @_operation
-    def apply_config(self, config: Config, now: float, actor: str = "config") -> ConfigDiff:
+    def apply_config(self, config: Config, now: Now, actor: str = "config") -> ConfigDiff:
         """Adopt a new configuration: new models start fresh, removed ones leave, changed ones
         keep their observed state (rescored under the new spec and weights)."""
+        now = self._at(now)
         old_ids = set(self.models)
         new_specs = {spec.id: spec for spec in config.models}
         added = tuple(sorted(set(new_specs) - old_ids))
@@ -746,8 +1020,9 @@ class ModelRegistry:
         return ConfigDiff(added, removed, changed)
 
     @_operation
-    def note_config_rejected(self, now: float, *, actor: str, errors: Sequence[str]) -> Event:
+    def note_config_rejected(self, now: Now, *, actor: str, errors: Sequence[str]) -> Event:
         """Record that a new configuration was refused and the old one kept (an event)."""
+        now = self._at(now)
         return self._emit(now, EventKind.CONFIG_RELOAD_FAILED, actor=actor,
                           reason=f"{len(errors)} error(s); the old configuration stays in effect",
                           errors=list(errors))
@@ -765,6 +1040,8 @@ class ModelRegistry:
         if role is None:
             return
         role.stack = [p for p in role.stack if model_id not in (p.from_id, p.to_id)]
+        if role.preferred == model_id:
+            role.preferred = None if role.primary == model_id else role.primary
         if role.primary == model_id:
             role.primary = None
             role.promoted_automatically = False
@@ -778,6 +1055,10 @@ class ModelRegistry:
         for entry in self.models.values():
             counts[entry.health.status.value] += 1
         return counts
+
+
+def _not_after(value: float | None, now: float) -> float | None:
+    return None if value is None else min(value, now)
 
 
 def _sane(result: ProbeResult) -> ProbeResult:

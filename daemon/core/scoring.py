@@ -7,7 +7,7 @@ health (healthy 1, degraded 0.5) × success rate over the window; latency
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .health import HealthState
@@ -84,3 +84,26 @@ def score(spec: ModelSpec, health: HealthState, config: ScoreConfig) -> ScorePar
         weights=weights,
         latency_ms=latency_ms,
     )
+
+
+def since_recovery(health: HealthState, failure_threshold: int) -> HealthState:
+    """The health with its window cut to the probes since it last recovered: after the last
+    run of ``failure_threshold`` failures in a row (an outage) the window still holds. The
+    health unchanged when the window holds no outage, or when it ends in one."""
+    window = health.window
+    run = 0
+    cut = 0
+    for index, sample in enumerate(window):
+        run = 0 if sample.ok else run + 1
+        if run >= failure_threshold:
+            cut = index + 1
+    if cut == 0 or cut >= len(window):
+        return health
+    return replace(health, window=window[cut:])
+
+
+def score_since_recovery(spec: ModelSpec, health: HealthState, config: ScoreConfig,
+                         failure_threshold: int) -> ScoreParts:
+    """The model's score judged on its health since it recovered from its last outage: what
+    the policy holds a primary to, so that an outage it came back from does not sink it."""
+    return score(spec, since_recovery(health, failure_threshold), config)

@@ -67,6 +67,9 @@ class PolicyConfig:
     cooldown: float = 1800.0
     probation: float = 600.0
     quarantine: float = 3600.0
+    sustain: float = 600.0  # an optional upgrade's lead must have held this long
+    failback: bool = True  # after an urgent failover, return to the preferred primary
+    manual_hold: float = 86400.0  # an operator's promote/rollback holds the role (0: no hold)
 
 
 @dataclass(frozen=True, slots=True)
