@@ -49,7 +49,10 @@ def env() -> Iterator[dict[str, Any]]:
             {"id": "embedder", "provider": "local_file", "local_path": str(gguf),
              "role": "embed", "primary": True},
         ]
-        config = daemon_config(work, models, policy={"min_consecutive_healthy": 1})
+        # sustain 0s: the route tests see a suggestion at once (tests/test_policy_rules.py
+        # pins sustain)
+        config = daemon_config(work, models, policy={"min_consecutive_healthy": 1,
+                                                     "sustain": "0s"})
         # reachable by an unprivileged peer, for the authorization tests
         config["daemon"]["socket_mode"] = "0666"
         config["daemon"]["admin_group"] = "daemon"
@@ -180,7 +183,11 @@ def test_upgrade_check_suggests_and_changes_nothing(env: dict[str, Any]) -> None
     status, body = curl(daemon, "POST", "/api/v1/models/auto-upgrade/check")
     assert status == 200
     suggestion = body["suggestions"][0]
-    assert set(suggestion) == {"role", "from", "to", "reason", "score_from", "score_to"}
+    assert set(suggestion) == {"role", "from", "to", "reason", "score_from", "score_to",
+                               "kind", "urgent"}
+    assert (suggestion["kind"], body["roles"]["chat"]["suggested"]) == ("upgrade", True)
+    assert body["roles"]["embed"] == {"role": "embed", "suggested": False,
+                                      "why": "no other model in the role"}
     assert (suggestion["role"], suggestion["from"], suggestion["to"]) == ("chat", "small", "big")
     assert daemon.model("small")["primary"] is True  # nothing changed
     out = modelctl(daemon, "upgrade", "check")
@@ -217,6 +224,14 @@ def test_promote_rollback_execute_offline_evaluate_reload(env: dict[str, Any]) -
     assert out.returncode == 0 and "backup" in out.stdout and "small" in out.stdout
     assert daemon.state()["roles"]["chat"]["primary"] == "small"
     assert curl(daemon, "GET", "/api/v1/resolve?role=chat")[1]["model_id"] == "small"
+    # the operator's promote and rollback hold the role: the policy suggests nothing there
+    held = daemon.state()["roles"]["chat"]["hold"]
+    assert held["by"].startswith("uid=0 pid=") and held["until"] > time.time() + 23 * 3600
+    check = curl(daemon, "POST", "/api/v1/models/auto-upgrade/check")[1]
+    assert check["suggestions"] == [] and "role held by uid=0" in check["roles"]["chat"]["why"]
+    out = modelctl(daemon, "release", "chat", "--reason", "done testing")
+    assert out.returncode == 0 and out.stdout.startswith("role chat released"), out
+    assert daemon.state()["roles"]["chat"]["hold"] is None
     # execute through curl: acts on the suggestion (big beats small)
     status, body = curl(daemon, "POST", "/api/v1/models/auto-upgrade/execute")
     assert status == 200 and body["changes"][0]["to"] == "big"
@@ -322,6 +337,8 @@ MUTATIONS: list[tuple[str, Any]] = [
     ("/api/v1/models/offline-mode", {"enabled": True}),
     ("/api/v1/models/big/evaluate", None),
     ("/api/v1/reload", None),
+    ("/api/v1/roles/chat/hold", {"for": "1h"}),
+    ("/api/v1/roles/chat/release", None),
 ]
 
 
@@ -431,7 +448,9 @@ def test_follower_receives_a_promotion_within_100ms_and_since_replays(
     status, text = curl(daemon, "GET", f"/api/v1/events?since={before_seq}")
     replayed = [json.loads(line) for line in text.splitlines()]
     assert status == 200 and replayed[0]["seq"] == before_seq + 1
-    assert [e["kind"] for e in replayed][:2] == ["model_promoted", "model_rolled_back"]
+    # each operator change is followed by the hold it starts, after the change itself
+    assert [e["kind"] for e in replayed][:5] == [
+        "model_promoted", "role_held", "model_rolled_back", "model_quarantined", "role_held"]
     since = modelctl(daemon, "events", "--json", "--since", str(before_seq))
     assert next(json.loads(x)["seq"] for x in since.stdout.splitlines()) == before_seq + 1
     status, _body = curl(daemon, "GET", "/api/v1/events?since=soon")
@@ -517,6 +536,44 @@ def test_metrics_port_serves_only_get_metrics(workdir: Path) -> None:
             assert caught.value.code == expected
 
 
+def test_hold_and_release_through_modelctl_are_saved_shown_and_audited(
+        env: dict[str, Any]) -> None:
+    daemon = env["daemon"]
+    primary = daemon.get("/api/v1/status")["role_details"]["chat"]["primary"]
+    out = modelctl(daemon, "hold", "chat", "--for", "2h", "--reason", "vendor outage")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("role chat held until ") and "vendor outage" in out.stdout
+    # durable before the answer, with the wall time it ends at
+    hold = daemon.state()["roles"]["chat"]["hold"]
+    assert hold["reason"] == "vendor outage" and 7190 < hold["until"] - time.time() <= 7200
+    assert daemon.model(primary)["primary"] is True  # a hold promotes nothing
+    status_text = modelctl(daemon, "status").stdout
+    assert "HOLD" in status_text and "vendor outage" in status_text
+    assert "role chat: held until " in modelctl(daemon, "list").stdout
+    why = curl(daemon, "POST", "/api/v1/models/auto-upgrade/check")[1]["roles"]["chat"]["why"]
+    assert "role held by uid=0" in why and "vendor outage" in why
+    # bad durations and unknown roles are refused, naming what is wrong; nothing changes
+    status, body = curl(daemon, "POST", "/api/v1/roles/chat/hold", {"for": "soon"})
+    assert (status, body["error"]["code"]) == (422, "invalid_body")
+    assert 'field "for"' in body["error"]["message"]
+    status, body = curl(daemon, "POST", "/api/v1/roles/chat/hold", {"for": 0})
+    assert (status, body["error"]["code"]) == (422, "invalid_hold")
+    status, body = curl(daemon, "POST", "/api/v1/roles/nope/hold", {})
+    assert (status, body["error"]["code"]) == (404, "unknown_role")
+    assert daemon.state()["roles"]["chat"]["hold"]["reason"] == "vendor outage"
+    out = modelctl(daemon, "release", "chat")
+    assert out.returncode == 0 and out.stdout.startswith("role chat released")
+    again = modelctl(daemon, "release", "chat")
+    assert again.stdout.strip() == "role chat was not held: nothing changed"
+    assert daemon.state()["roles"]["chat"]["hold"] is None
+    history = daemon.get("/api/v1/roles/chat/history")["history"]
+    assert [h["action"] for h in history[-2:]] == ["hold", "release"]
+    assert history[-2]["reason"] == "held for 7200s: vendor outage"
+    kinds = [json.loads(line)["kind"] for line in
+             modelctl(daemon, "events", "--json").stdout.splitlines()]
+    assert kinds[-2:] == ["role_held", "role_released"]
+
+
 def test_modelctl_names_the_socket_when_the_daemon_is_not_running(workdir: Path) -> None:
     path = workdir / "absent.sock"
     run = subprocess.run([sys.executable, "-m", "daemon.control.ctl", "--socket", str(path),
@@ -553,7 +610,10 @@ def test_python_client_against_the_real_daemon(env: dict[str, Any]) -> None:
                     await anyio.sleep(0.2)
                     await client.promote("backup")
                     await client.rollback(role="chat")
-            assert [e["kind"] for e in seen] == ["model_promoted", "model_rolled_back"]
+            assert [e["kind"] for e in seen] == ["model_promoted", "role_held",
+                                                 "model_rolled_back"]
+            released = await client.release("chat")
+            assert released["released"] is True and released["hold"]["by"].startswith("uid=")
             try:
                 await client.promote("nope")
             except ModeldError as exc:

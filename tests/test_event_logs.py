@@ -20,7 +20,7 @@ def registry_with_fanout() -> tuple[ModelRegistry, Metrics]:
     """Two models in role chat, the daemon's event listener (log, metrics) attached."""
     config = Config(
         health=HealthConfig(failure_threshold=2, success_threshold=1),
-        policy=PolicyConfig(min_consecutive_healthy=1, min_margin=0.01),
+        policy=PolicyConfig(min_consecutive_healthy=1, min_margin=0.01, sustain=0.0),
         models=(ModelSpec(id="a", provider="openai", role="chat", primary=True, quality=0.1),
                 ModelSpec(id="b", provider="openai", role="chat", quality=0.9)),
     )
@@ -85,7 +85,8 @@ def test_a_rejected_configuration_is_an_event_logged_as_an_error() -> None:
 def test_role_summary_names_the_model_resolve_answers_with() -> None:
     registry, _ = registry_with_fanout()
     assert role_summary(registry, "chat") == {"role": "chat", "primary": "a",
-                                              "resolves_to": None}
+                                              "resolves_to": None, "preferred": "a",
+                                              "hold": None}
     registry.apply_probe("b", ProbeResult.healthy(40.0), T0 + 1)
     assert role_summary(registry, "chat")["resolves_to"] == "b"  # a fallback stands in
     registry.apply_probe("a", ProbeResult.healthy(40.0), T0 + 1)

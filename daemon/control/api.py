@@ -15,7 +15,8 @@ from typing import Any, Protocol
 
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ..config import ConfigError
+from ..config import ConfigError, parse_duration
+from ..core.clock import Instant
 from ..core.model import Event, ProbeResult
 from ..core.registry import ModelRegistry, NoUsableModel, RegistryError, UnknownRole
 from . import routes
@@ -38,6 +39,9 @@ class DaemonServices(Protocol):
     offline_forced_by_env: bool
 
     def now(self) -> float: ...
+
+    def instant(self) -> Instant:
+        """Now for the registry (wall and steady time)."""
 
     def admin_check(self, peer: Peer | None) -> str | None:
         """None when the peer may change things, else why not."""
@@ -286,24 +290,29 @@ class ControlAPI:
         body = _body_object(request, {"model_id": (str,), "force": (bool,),
                                       "reason": (str,)}, required=("model_id",))
         changes = self.daemon.registry.promote_model(
-            body["model_id"], now=self.daemon.now(), actor=actor, force=body.get("force", False),
-            reason=body.get("reason", ""))
+            body["model_id"], now=self.daemon.instant(), actor=actor,
+            force=body.get("force", False), reason=body.get("reason", ""))
         return await self._changed(changes, actor)
 
     async def rollback(self, request: Request, params: dict[str, str]) -> Response:
         actor = self._require_admin(request)
         body = _body_object(request, {"role": (str, type(None)), "reason": (str,)})
         changes = self.daemon.registry.rollback_model(
-            body.get("role"), now=self.daemon.now(), actor=actor, reason=body.get("reason", ""))
+            body.get("role"), now=self.daemon.instant(), actor=actor, reason=body.get("reason", ""))
         return await self._changed(changes, actor)
 
     async def upgrade_check(self, request: Request, params: dict[str, str]) -> Response:
-        suggestions = self.daemon.registry.auto_upgrade_check(self.daemon.now())
-        return Response.json({"suggestions": [s.to_json() for s in suggestions]})
+        decisions = self.daemon.registry.auto_upgrade_decisions(self.daemon.instant())
+        return Response.json({
+            "suggestions": [d.suggestion.to_json() for d in decisions if d.suggestion],
+            # per role: what the policy makes of it, and why nothing is suggested where
+            # nothing is (within margin, lead not sustained yet, quarantined, held, ...)
+            "roles": {d.role: d.to_json() for d in decisions},
+        })
 
     async def upgrade_execute(self, request: Request, params: dict[str, str]) -> Response:
         actor = self._require_admin(request)
-        changes = self.daemon.registry.auto_upgrade_execute(self.daemon.now(), actor=actor,
+        changes = self.daemon.registry.auto_upgrade_execute(self.daemon.instant(), actor=actor,
                                                             respect_cooldown=False)
         return await self._changed(changes, actor)
 
@@ -311,10 +320,36 @@ class ControlAPI:
         actor = self._require_admin(request)
         body = _body_object(request, {"enabled": (bool,)}, required=("enabled",))
         registry = self.daemon.registry
-        if registry.set_offline_mode(body["enabled"], now=self.daemon.now(), actor=actor):
+        if registry.set_offline_mode(body["enabled"], now=self.daemon.instant(), actor=actor):
             await self._persist()  # the event listener logs the change
         return Response.json({"offline_mode": registry.offline_mode,
                               "forced_by_env": self.daemon.offline_forced_by_env})
+
+    async def hold(self, request: Request, params: dict[str, str]) -> Response:
+        actor = self._require_admin(request)
+        body = _body_object(request, {"for": (str, int, float), "reason": (str,)})
+        seconds: float | None = None
+        if "for" in body:
+            try:
+                seconds = parse_duration(body["for"])
+            except ValueError as exc:
+                raise HTTPError(422, "invalid_body", f'field "for": {exc}') from None
+        registry = self.daemon.registry
+        hold = registry.hold_role(params["role"], now=self.daemon.instant(), actor=actor,
+                                  reason=body.get("reason", ""), seconds=seconds)
+        await self._persist()
+        return Response.json({"role": params["role"], "hold": hold.to_json(),
+                              "primary": registry.roles[params["role"]].primary})
+
+    async def release(self, request: Request, params: dict[str, str]) -> Response:
+        actor = self._require_admin(request)
+        body = _body_object(request, {"reason": (str,)})
+        ended = self.daemon.registry.release_role(params["role"], now=self.daemon.instant(),
+                                                  actor=actor, reason=body.get("reason", ""))
+        if ended is not None:
+            await self._persist()
+        return Response.json({"role": params["role"], "released": ended is not None,
+                              "hold": None if ended is None else ended.to_json()})
 
     async def reload(self, request: Request, params: dict[str, str]) -> Response:
         actor = self._require_admin(request)
@@ -360,6 +395,8 @@ _HANDLERS: dict[str, Handler] = {
     "events": ControlAPI.events,
     "status": ControlAPI.status,
     "history": ControlAPI.history,
+    "hold": ControlAPI.hold,
+    "release": ControlAPI.release,
     "reload": ControlAPI.reload,
     "metrics": ControlAPI.metrics,
 }

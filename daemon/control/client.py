@@ -217,6 +217,22 @@ class ModeldClient:
         params: _Params = [] if limit is None else [("limit", str(limit))]
         return await self._json(*_route("history", role=role), params=params)
 
+    async def hold(self, role: str, *, duration: str | float | None = None,
+                   reason: str = "") -> dict[str, Any]:
+        """Hold ``role`` against optional promotions for ``duration`` ("2h", or seconds;
+        default: the daemon's ``policy.manual_hold``); ``{"role", "hold", "primary"}``."""
+        body: dict[str, Any] = {}
+        if duration is not None:
+            body["for"] = duration
+        if reason:
+            body["reason"] = reason
+        return await self._json(*_route("hold", role=role), body=body)
+
+    async def release(self, role: str, *, reason: str = "") -> dict[str, Any]:
+        """End the hold on ``role``; ``{"role", "released": bool, "hold"}``."""
+        return await self._json(*_route("release", role=role),
+                                body={"reason": reason} if reason else {})
+
     async def reload(self) -> dict[str, Any]:
         """Re-read the configuration, as SIGHUP does."""
         return await self._json(*_route("reload"), body={})

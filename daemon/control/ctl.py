@@ -319,6 +319,22 @@ def cmd_rollback(args: argparse.Namespace, client: Client, out: TextIO) -> int:
     return _emit(args, out, client.call(*_route("rollback"), body), text.format_changes)
 
 
+def cmd_hold(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    body: dict[str, Any] = {}
+    if args.duration:
+        body["for"] = args.duration
+    if args.reason:
+        body["reason"] = args.reason
+    return _emit(args, out, client.call(*_route("hold", role=args.role), body),
+                 lambda d, w: text.format_hold(d, width=w))
+
+
+def cmd_release(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    body: dict[str, Any] = {"reason": args.reason} if args.reason else {}
+    return _emit(args, out, client.call(*_route("release", role=args.role), body),
+                 lambda d, w: text.format_release(d, width=w))
+
+
 def cmd_upgrade(args: argparse.Namespace, client: Client, out: TextIO) -> int:
     document = client.call(*_route(f"upgrade_{args.action}"), {})
     human = text.format_suggestions if args.action == "check" else text.format_changes
@@ -502,6 +518,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", metavar="TEXT", help="why, for the role's history")
     p = add("rollback", cmd_rollback, "restore a role's previous primary")
     p.add_argument("--role", help="the role (default: the daemon's default role)")
+    p.add_argument("--reason", metavar="TEXT", help="why, for the role's history")
+    p = add("hold", cmd_hold, "hold a role: the policy makes no optional promotion there "
+            "(failover and failback still happen) until released or the hold ends")
+    p.add_argument("role", metavar="ROLE")
+    p.add_argument("--for", dest="duration", metavar="DURATION", help='how long: "2h", "30m", '
+                   "or seconds (default: the daemon's policy.manual_hold)")
+    p.add_argument("--reason", metavar="TEXT", help="why, for the role's history")
+    p = add("release", cmd_release, "end the hold on a role (a manual promote or rollback "
+            "holds it)")
+    p.add_argument("role", metavar="ROLE")
     p.add_argument("--reason", metavar="TEXT", help="why, for the role's history")
     p = add("upgrade", cmd_upgrade, "auto-upgrade: check for better models, or act on it now")
     p.add_argument("action", choices=["check", "execute"])

@@ -84,6 +84,10 @@ ROUTES: tuple[Route, ...] = (
     Route("status", "GET", f"{API}/status", False, "the daemon's status"),
     Route("history", "GET", f"{API}/roles/{{role}}/history", False,
           "a role's audit trail: who was made primary when, why and by whom"),
+    Route("hold", "POST", f"{API}/roles/{{role}}/hold", True,
+          "hold a role against optional promotions (body: for, reason)"),
+    Route("release", "POST", f"{API}/roles/{{role}}/release", True,
+          "end the hold on a role"),
     Route("reload", "POST", f"{API}/reload", True, "re-read the configuration"),
     Route("metrics", "GET", "/metrics", False, "Prometheus metrics"),
 )

@@ -302,7 +302,9 @@ def role_rows(document: Mapping[str, Any], models: Mapping[str, Mapping[str, Any
                     for name, primary in primaries.items()}
                    if isinstance(primaries, dict) else {})
     summaries = {name: d if isinstance(d, dict) else {} for name, d in details.items()}
-    show_preferred = any("preferred" in d for d in summaries.values())
+    # the preferred primary is news only where a stand-in is primary
+    show_preferred = any("preferred" in d and d.get("preferred") != d.get("primary")
+                         for d in summaries.values())
     show_hold = any(d.get("hold") for d in summaries.values())
     rows = [_role_row(name, summaries[name], models, show_preferred, show_hold)
             for name in sorted(summaries)]
@@ -749,6 +751,16 @@ def _summary_reload_failed(e: Mapping[str, Any], data: Mapping[str, Any], now: f
             + (f": {listed}" if listed else _because(e)))
 
 
+def _summary_held(e: Mapping[str, Any], data: Mapping[str, Any], now: float) -> str:
+    until = data.get("until")
+    span = f" until {when(until, now)}" if isinstance(until, int | float) else ""
+    return f"{e.get('role')} held{span}{_by(e)}{_because(e)}"
+
+
+def _summary_released(e: Mapping[str, Any], data: Mapping[str, Any], now: float) -> str:
+    return f"{e.get('role')} released{_by(e)}{_because(e)}"
+
+
 def _summary_model(e: Mapping[str, Any], data: Mapping[str, Any], now: float) -> str:
     return f"{e.get('model_id')} ({e.get('role')}){_by(e)}{_because(e)}"
 
@@ -771,6 +783,8 @@ _SUMMARIES: dict[str, Callable[[Mapping[str, Any], Mapping[str, Any], float], st
     "config_reload_failed": _summary_reload_failed,
     "model_added": _summary_model,
     "model_removed": _summary_model,
+    "role_held": _summary_held,
+    "role_released": _summary_released,
 }
 
 EVENT_KIND_WIDTH = 22  # len("auto_upgrade_suggested"): streamed lines align without a table
@@ -810,14 +824,47 @@ def format_changes(document: Any, width: int | None = None) -> str:
 
 
 def format_suggestions(document: Any, width: int | None = None) -> str:
-    """Auto-upgrade suggestions, one row each, with the scores that justify them."""
+    """Auto-upgrade suggestions, one row each, with the scores that justify them; then, per
+    role with no suggestion, why not (when the daemon says)."""
     suggestions = document.get("suggestions", []) if isinstance(document, dict) else []
-    if not suggestions:
+    roles = document.get("roles") if isinstance(document, dict) else None
+    quiet = {name: d for name, d in roles.items()
+             if isinstance(d, dict) and not d.get("suggested")} if isinstance(roles, dict) else {}
+    parts = []
+    if suggestions:
+        rows = [[plain(s.get("role")), plain(s.get("from")), plain(s.get("to")),
+                 number(s.get("score_from"), 3), number(s.get("score_to"), 3),
+                 plain(s.get("reason"))] for s in suggestions]
+        parts.append(table(["ROLE", "FROM", "TO", "SCORE_FROM", "SCORE_TO", "REASON"], rows,
+                           width))
+    elif not quiet:
         return "no suggestions: every role's primary is the best choice"
-    rows = [[plain(s.get("role")), plain(s.get("from")), plain(s.get("to")),
-             number(s.get("score_from"), 3), number(s.get("score_to"), 3),
-             plain(s.get("reason"))] for s in suggestions]
-    return table(["ROLE", "FROM", "TO", "SCORE_FROM", "SCORE_TO", "REASON"], rows, width)
+    else:
+        parts.append("no suggestions")
+    if quiet:
+        rows = [[name, humane(d.get("why"))] for name, d in sorted(quiet.items())]
+        parts.append("why not, per role:\n" + table(["ROLE", "WHY NOTHING IS SUGGESTED"], rows,
+                                                     width, indent="  "))
+    return "\n\n".join(parts)
+
+
+def format_hold(document: Any, width: int | None = None) -> str:
+    """``modelctl hold``: the role, its primary, and the hold now in force."""
+    if not isinstance(document, dict):
+        return plain(document)
+    return (f"role {plain(document.get('role'))} held {_hold(document.get('hold'))} "
+            f"(primary {plain(document.get('primary'))}); modelctl release "
+            f"{plain(document.get('role'))} ends it")
+
+
+def format_release(document: Any, width: int | None = None) -> str:
+    """``modelctl release``: whether a hold ended."""
+    if not isinstance(document, dict):
+        return plain(document)
+    role = plain(document.get("role"))
+    if not document.get("released"):
+        return f"role {role} was not held: nothing changed"
+    return f"role {role} released (the hold was {_hold(document.get('hold'))})"
 
 
 def format_reload(document: Any, width: int | None = None) -> str:

@@ -67,16 +67,22 @@ def role_view(registry: ModelRegistry, role_name: str) -> dict[str, Any]:
         "promoted_at": role.promoted_at,
         "promoted_automatically": role.promoted_automatically,
         "rollback_depth": len(role.stack),
+        "preferred": role.preferred,
+        "promotion_kind": role.promotion_kind,
+        "hold": None if role.hold is None else role.hold.to_json(),
         "history": [h.to_json() for h in role.history[-20:]],
     }
 
 
 def role_summary(registry: ModelRegistry, role_name: str) -> dict[str, Any]:
     """A role at a glance: its primary and the model ``resolve`` answers with now (None when
-    nothing is usable), which differ while a fallback stands in for the primary."""
+    nothing is usable), which differ while a fallback stands in for the primary; the
+    preferred primary (the one it fails back to) and the operator's hold (None when none)."""
     try:
         resolves_to: str | None = registry.get_model_for_use(role_name).model_id
     except NoUsableModel:
         resolves_to = None
-    return {"role": role_name, "primary": registry.roles[role_name].primary,
-            "resolves_to": resolves_to}
+    state = registry.roles[role_name]
+    return {"role": role_name, "primary": state.primary, "resolves_to": resolves_to,
+            "preferred": state.preferred,
+            "hold": None if state.hold is None else state.hold.to_json()}

@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..core.clock import Now
 from ..core.health import HealthState, Sample
 from ..core.model import Event, HealthStatus
 from ..core.registry import (
     HistoryEntry,
+    Hold,
     ModelRegistry,
     Observed,
     ProbeRecord,
@@ -64,6 +66,10 @@ def to_state(registry: ModelRegistry, events_kept: int = 200,
             "promoted_at": state.promoted_at,
             "promoted_automatically": state.promoted_automatically,
             "last_auto_promotion_at": state.last_auto_promotion_at,
+            "preferred": state.preferred,
+            "hold": None if state.hold is None else state.hold.to_json(),
+            "promotion_kind": state.promotion_kind,
+            "last_failback_at": state.last_failback_at,
         }
         for name, state in registry.roles.items()
     }
@@ -78,7 +84,7 @@ def to_state(registry: ModelRegistry, events_kept: int = 200,
     }
 
 
-def from_state(config: Config, data: Mapping[str, Any], now: float, *,
+def from_state(config: Config, data: Mapping[str, Any], now: Now, *,
                offline_override: bool | None = None) -> ModelRegistry:
     """A registry for ``config`` with the observed state in ``data`` restored.
 
@@ -90,7 +96,7 @@ def from_state(config: Config, data: Mapping[str, Any], now: float, *,
         raise StateShapeError(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _from_state(config: Config, data: Mapping[str, Any], now: float,
+def _from_state(config: Config, data: Mapping[str, Any], now: Now,
                 offline_override: bool | None) -> ModelRegistry:
     observed = {}
     for model_id, raw in dict(data["models"]).items():
@@ -120,6 +126,12 @@ def _from_state(config: Config, data: Mapping[str, Any], now: float,
             promoted_at=_opt_float(raw.get("promoted_at")),
             promoted_automatically=bool(raw.get("promoted_automatically", False)),
             last_auto_promotion_at=_opt_float(raw.get("last_auto_promotion_at")),
+            # absent in states saved before holds and failback: no preferred primary (the
+            # registry takes the primary), no hold
+            preferred=None if raw.get("preferred") is None else str(raw["preferred"]),
+            hold=None if raw.get("hold") is None else Hold.from_json(raw["hold"]),
+            promotion_kind=str(raw.get("promotion_kind", "")),
+            last_failback_at=_opt_float(raw.get("last_failback_at")),
         )
     offline = bool(data["offline_mode"]) if offline_override is None else offline_override
     registry = ModelRegistry(config, now, offline_mode=offline)

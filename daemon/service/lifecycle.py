@@ -29,6 +29,7 @@ from ..control.listeners import (
 from ..control.messages import Limits, Peer
 from ..control.server import HTTPServer
 from ..control.views import role_summary
+from ..core.clock import Instant
 from ..core.model import Event, ProbeResult
 from ..core.registry import ModelRegistry
 from ..core.settings import Config
@@ -43,6 +44,7 @@ from ..probing.plugins import (
 )
 from ..probing.prober import Prober
 from . import timers
+from .clock import instant
 from .events import EventFanout
 from .logs import get_logger
 from .metrics import Metrics
@@ -115,6 +117,11 @@ class Daemon:
 
     def now(self) -> float:
         return time.time()
+
+    def instant(self) -> Instant:
+        """Now for the registry: wall and steady time, so a step of the wall clock neither
+        stretches nor cuts a cooldown, probation, quarantine, hold or sustain."""
+        return instant()
 
     def admin_check(self, peer: Peer | None) -> str | None:
         """None when the peer may change things, else why it may not."""
@@ -216,7 +223,7 @@ class Daemon:
         if loaded.corrupt_copy:
             self.log.error("state_corrupt", path=str(self.store.path), problem=loaded.problem,
                            kept_as=loaded.corrupt_copy, action="starting from fresh state")
-        now = time.time()
+        now = instant()
         if loaded.data is None:
             self.registry = ModelRegistry(self.config, now,
                                           offline_mode=bool(self._offline_override))

@@ -52,7 +52,7 @@ class ProbeScheduler:
         daemon.metrics.probes.labels(spec.id, result.status.value).inc()
         if result.latency_ms is not None:
             daemon.metrics.probe_seconds.observe(result.latency_ms / 1000.0)
-        applied = daemon.registry.apply_probe(spec.id, result, time.time())
+        applied = daemon.registry.apply_probe(spec.id, result, daemon.instant())
         if applied.event is not None:
             daemon.metrics.health_changes.labels(applied.new.value).inc()
             if daemon.pm is not None:

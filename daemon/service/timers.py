@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import time
 from typing import TYPE_CHECKING
 
 import anyio
@@ -22,7 +21,7 @@ STATUS_INTERVAL = 1.0  # seconds between STATUS= updates at most
 
 def policy_tick(daemon: Daemon) -> None:
     """Check for upgrades; with auto_execute, act (cooldown per role)."""
-    now = time.time()
+    now = daemon.instant()
     suggestions = daemon.registry.auto_upgrade_check(now)
     daemon.registry.note_suggestions(suggestions, now)
     if daemon.config.policy.auto_execute and suggestions:
