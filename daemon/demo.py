@@ -127,8 +127,10 @@ class Demo:
             daemon={"socket": self.socket, "state_flush_interval": "500ms"},
             probe={"interval": "1s", "timeout": "1s", "recheck_interval": "200ms"},
             health={"failure_threshold": 3, "success_threshold": 2},
+            # sustain: the lead must hold this long before it is suggested (10 min by
+            # default; short here so the scenario plays in seconds)
             policy={"interval": "2s", "auto_execute": False, "min_margin": 0.05,
-                    "min_consecutive_healthy": 2},
+                    "min_consecutive_healthy": 2, "sustain": "1s"},
         )
 
     def declare_models(self) -> None:
@@ -307,7 +309,7 @@ def step_upgrade(demo: Demo) -> None:
     demo.models.append(
         {"id": BETTER, "provider": "openai", "role": ROLE, "endpoint": demo.vllm.url,
          "model": "Qwen/Qwen2.5-14B-Instruct", "capability_tags": ["chat", "code"],
-         "latency_estimate": 900, "quality": 0.9, "local": False})
+         "latency_estimate": 900, "quality": 0.95, "local": False})
     demo.daemon.write_config(demo.config())
     demo.modelctl("reload")
 
@@ -321,8 +323,8 @@ def step_upgrade(demo: Demo) -> None:
     except StepFailed as exc:
         demo.record("upgrade", False, str(exc))
         raise
-    say(f"  ({BETTER} passed 2 probes in a row {took:.1f} s after the reload; the policy "
-        "now suggests it)")
+    say(f"  ({BETTER} passed 2 probes in a row and kept its lead for sustain (1 s here, "
+        f"10 min by default); {took:.1f} s after the reload the policy suggests it)")
     shown = demo.modelctl("upgrade", "check")
     if BETTER not in shown:
         raise StepFailed(f"modelctl upgrade check does not show {BETTER}")

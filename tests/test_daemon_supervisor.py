@@ -111,7 +111,8 @@ def upgrade_config(workdir: Path, servers: FakeServers, *, auto: bool
     ]
     config = daemon_config(workdir, models, policy={
         "interval": "200ms", "auto_execute": auto, "min_consecutive_healthy": 2,
-        "min_margin": 0.05, "cooldown": "1h", "probation": "1h", "quarantine": "1h"})
+        "min_margin": 0.05, "cooldown": "1h", "probation": "1h", "quarantine": "1h",
+        "sustain": "400ms"})  # a lead holds two ticks before it is suggested
     return fake, config
 
 
