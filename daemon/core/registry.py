@@ -773,8 +773,10 @@ class ModelRegistry:
             self.models[current].retired = True
         if restored is not None:
             self.models[restored].retired = False
+        # the policy undoing its own upgrade drops its choice; undoing a failover or a
+        # failback keeps the preferred primary (failing back to it is the point)
         if restored is not None and (not automatic or state.promotion_kind == policy.UPGRADE
-                                     or state.preferred in (None, current)):
+                                     or state.preferred is None):
             state.preferred = restored
         state.primary = restored
         state.promoted_at = now
