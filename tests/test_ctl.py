@@ -1113,3 +1113,39 @@ def test_status_shows_the_preferred_primary_and_holds_when_the_daemon_reports_th
     without = text.format_status({"role_details": {"chat": {
         "role": "chat", "primary": "a", "resolves_to": "a"}}})
     assert "PREFERRED" not in without and "HOLD" not in without
+
+
+def test_check_hold_and_release_read_as_sentences(berlin: None) -> None:
+    from daemon.control import text
+
+    check = text.format_suggestions({"suggestions": [], "roles": {
+        "chat": {"role": "chat", "suggested": False,
+                 "why": "new leads old by 0.100 ≥ min_margin 0.050, but not yet for sustain "
+                        "600s (for 140s so far)"},
+        "embed": {"role": "embed", "suggested": False, "why": "role held by uid=0 pid=9 for "
+                  "3600s more (vendor outage): no optional upgrade"}}})
+    assert check.splitlines() == [
+        "no suggestions", "", "why not, per role:",
+        "  ROLE   WHY NOTHING IS SUGGESTED",
+        "  chat   new leads old by 0.100 ≥ min_margin 0.050, but not yet for sustain 600s "
+        "(for 140s so far)",
+        "  embed  role held by root (uid 0) for 3600s more (vendor outage): no optional upgrade",
+    ]
+    hold = {"by": "uid=0 pid=9", "reason": "vendor outage", "since": NOW, "until": NOW + 3600}
+    assert text.format_hold({"role": "chat", "primary": "a", "hold": hold}) == (
+        "role chat held until 2025-11-26 09:57:03 by root (uid 0): vendor outage (primary a); "
+        "modelctl release chat ends it")
+    assert text.format_release({"role": "chat", "released": True, "hold": hold}).startswith(
+        "role chat released (the hold was until 2025-11-26 09:57:03 by root (uid 0)")
+    assert text.format_release({"role": "chat", "released": False, "hold": None}) == (
+        "role chat was not held: nothing changed")
+    held = {"seq": 3, "at": NOW, "kind": "role_held", "role": "chat", "actor": "uid=0 pid=9",
+            "reason": "vendor outage", "data": {"until": NOW + 3600}}
+    assert text.event_summary(held, NOW) == (
+        "chat held until 2025-11-26 09:57:03 (in 60 min) by root (uid 0): vendor outage")
+    ended = {**held, "kind": "role_released", "actor": "policy", "reason": "the hold ended"}
+    assert text.event_summary(ended, NOW) == "chat released by policy: the hold ended"
+    # the preferred primary is shown only where a stand-in is primary
+    same = text.format_status({"role_details": {"chat": {
+        "role": "chat", "primary": "a", "preferred": "a", "resolves_to": "a", "hold": None}}})
+    assert "PREFERRED" not in same and "HOLD" not in same

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.config import parse_config
+from daemon.config import ConfigError, parse_config
 from daemon.core.clock import Instant
 from daemon.core.health import needs_recheck
 from daemon.core.model import Event, EventKind, HealthStatus, ProbeResult
@@ -93,6 +93,22 @@ class Host:
 
 def outage(model_id: str, start: float, end: float) -> Up:
     return lambda m, t: not (m == model_id and start <= t < end)
+
+
+def test_the_policy_keys_have_their_defaults_and_clear_errors() -> None:
+    policy = parse_config({"models": []}, "m.toml").policy
+    assert (policy.sustain, policy.failback, policy.manual_hold) == (600.0, True, 86400.0)
+    with pytest.raises(ConfigError) as bad:
+        parse_config({"models": [], "policy": {"sustain": "soon", "failback": "yes",
+                                               "manual_hold": "-1h", "sustian": "1m"}}, "m.toml")
+    assert bad.value.errors == [
+        'm.toml: policy.sustain: bad duration "soon": use seconds or a number with ms, s, m '
+        'or h ("30s")',
+        "m.toml: policy.failback: expected true or false, got a string",
+        'm.toml: policy.manual_hold: bad duration "-1h": use seconds or a number with ms, s, '
+        'm or h ("30s")',
+        'm.toml: policy.sustian: unknown key (did you mean "sustain"?)',
+    ]
 
 
 # ----------------------------------------------------------------------------- the issue
@@ -220,6 +236,13 @@ def test_the_first_failback_is_not_delayed_by_the_cooldown_later_ones_are() -> N
     host.run(7200)
     assert [(at, kind) for at, kind, _, _ in host.changes()] == [
         (120, "failover"), (180, "failback"), (900, "failover"), (180 + 1800, "failback")]
+
+    host = Host(registry_of(model("p", 0.9, primary=True), model("s", 0.5)),
+                lambda m, t: not (m == "p" and any(a <= t < b for a, b in outages)))
+    host.run(1000)
+    decision = host.registry.auto_upgrade_decisions(T0 + 1000)[0]
+    assert decision.suggestion is not None and decision.suggestion.kind == "failback"
+    assert decision.why.endswith("; the timer waits for the cooldown: 980s more")
 
 
 def test_a_preferred_model_failing_right_after_its_failback_is_rolled_back_and_quarantined(

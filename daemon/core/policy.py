@@ -176,8 +176,8 @@ def decide(
             return Decision(role, Suggestion(role, primary.id, preferred, reason, primary.score,
                                              best.score, kind=FAILBACK), reason)
         if preferred in excluded:
-            why_not_back = f"no failback yet: the preferred primary {preferred} is " \
-                           f"{excluded[preferred]}; "
+            why_not_back = (f"no failback yet: the preferred primary {preferred} is "
+                            f"{excluded[preferred]}; ")
 
     # -- optional upgrade
     if held is not None:

@@ -856,8 +856,21 @@ class ModelRegistry:
                 self._leads.pop(role_name, None)
             else:
                 self._leads[role_name] = decision.leads
+            wait = self._cooldown_wait(state, decision.suggestion, now)
+            if wait > 0:
+                decision = replace(decision, why=f"{decision.why}; the timer waits for the "
+                                   f"cooldown: {wait:.0f}s more")
             decisions.append(decision)
         return decisions
+
+    def _cooldown_wait(self, role: RoleState, suggestion: Suggestion | None,
+                       now: float) -> float:
+        """Seconds the timer waits before acting on ``suggestion`` (0: it acts now)."""
+        if suggestion is None or suggestion.urgent:
+            return 0.0
+        since = (role.last_failback_at if suggestion.kind == policy.FAILBACK
+                 else role.last_auto_promotion_at)
+        return policy.cooldown_remaining(since, now, self.config.policy)
 
     def auto_upgrade_check(self, now: Now) -> list[Suggestion]:
         """Promotions the policy recommends now, one role at most once; changes no primary."""
@@ -896,11 +909,8 @@ class ModelRegistry:
         changes: list[Change] = []
         for suggestion in self.auto_upgrade_check(now):
             role = self.roles[suggestion.role]
-            if respect_cooldown and not suggestion.urgent:
-                since = (role.last_failback_at if suggestion.kind == policy.FAILBACK
-                         else role.last_auto_promotion_at)
-                if policy.cooldown_remaining(since, now, self.config.policy) > 0:
-                    continue
+            if respect_cooldown and self._cooldown_wait(role, suggestion, now) > 0:
+                continue
             label = "auto-upgrade" if suggestion.kind == policy.UPGRADE else suggestion.kind
             changes += self.promote_model(suggestion.to_id, now=now, actor=actor,
                                           reason=f"{label}: {suggestion.reason}",
