@@ -895,7 +895,8 @@ class ModelRegistry:
             self._emit(now, EventKind.AUTO_UPGRADE_SUGGESTED, role=role_name,
                        model_id=suggestion.to_id, from_id=suggestion.from_id,
                        to_id=suggestion.to_id, reason=suggestion.reason, actor="policy",
-                       score_from=suggestion.score_from, score_to=suggestion.score_to)
+                       score_from=suggestion.score_from, score_to=suggestion.score_to,
+                       promotion=suggestion.kind, urgent=suggestion.urgent)
         return fresh
 
     @_operation
