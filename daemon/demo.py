@@ -399,8 +399,10 @@ def _explore(demo: Demo) -> None:
     ):
         say(f"  {line}")
     say(f"  daemon log: {demo.daemon.log_path}")
-    say("Press Ctrl-C to stop everything.")
+    # the announcement inside: a terminal closed right as it is printed (SIGHUP while say()
+    # returns) must end the exploration like Ctrl-C, not the demo with exit 129
     with contextlib.suppress(KeyboardInterrupt, _Terminated):
+        say("Press Ctrl-C to stop everything.")
         while demo.daemon.running():
             time.sleep(0.2)
         code = demo.daemon.proc.returncode if demo.daemon.proc else None
