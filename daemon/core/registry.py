@@ -465,18 +465,6 @@ class ModelRegistry:
         ends = [r.hold.until for r in self.roles.values() if r.hold is not None]
         self._next_expiry = min(ends) if ends else None
 
-    def active_hold(self, role: str, now: Now) -> Hold | None:
-        """The hold in force on ``role`` at ``now``, if any (reads only)."""
-        state = self.roles.get(role)
-        hold = state.hold if state is not None else None
-        return hold if hold is not None and hold.until > self._peek(now) else None
-
-    def _peek(self, now: Now) -> float:
-        """The wall time of ``now`` in the frame the stored times are in, changing nothing."""
-        if isinstance(now, Instant) and self._skew is not None:
-            return now.wall - (now.skew - self._skew)
-        return float(now) if not isinstance(now, Instant) else now.wall
-
     def entry(self, model_id: str) -> ModelEntry:
         """The entry of a model; raises UnknownModel naming the known ids."""
         try:
