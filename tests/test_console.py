@@ -94,6 +94,8 @@ def test_history_shows_who_made_which_model_primary_when_and_why(
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(history[1]["at"]))
     assert promote.startswith(f"{when}  promote   primary-7b  backup ")
     assert f"  {ME}  " in promote  # the user by name, beside the uid
+    assert [h["automatic"] for h in history] == [False, False, False]
+    assert re.search(r"  no +primary-7b is being upgraded", promote)  # AUTOMATIC: no
     assert promote.endswith("primary-7b is being upgraded to v0.7")
 
 

@@ -12,6 +12,7 @@ from daemon.config import parse_config
 from daemon.control.views import model_view
 from daemon.core.model import EventKind, HealthStatus, ProbeResult, ProbeStatus
 from daemon.core.registry import (
+    HistoryEntry,
     ModelRegistry,
     ModelUnavailable,
     NothingToRollBack,
@@ -243,7 +244,8 @@ def test_promote_records_time_from_to_reason_and_actor():
     registry.promote_model("b", now=T0 + 42, actor="uid:1000", reason="evals say so")
     entry = registry.roles["chat"].history[-1]
     assert entry.to_json() == {"at": T0 + 42, "action": "promote", "from": "a", "to": "b",
-                               "reason": "evals say so", "actor": "uid:1000"}
+                               "reason": "evals say so", "actor": "uid:1000",
+                               "automatic": False}
 
 
 def test_promote_without_reason_says_who_did_it():
@@ -528,6 +530,25 @@ def test_auto_upgrade_execute_promotes_automatically_as_policy():
     assert (event.kind, event.actor, event.data["automatic"]) == (
         EventKind.MODEL_PROMOTED, "policy", True)
     assert registry.roles["chat"].history[-1].actor == "policy"
+    assert registry.roles["chat"].history[-1].automatic is True
+    assert registry.roles["chat"].history[-1].to_json()["automatic"] is True
+
+
+def test_history_says_which_changes_the_policy_made_and_keeps_it_across_a_save():
+    registry = policy_registry()
+    up(registry, "a", "b")
+    registry.auto_upgrade_execute(T0 + 10)
+    registry.rollback_model("chat", now=T0 + 20, actor="uid=1000")
+    history = registry.roles["chat"].history
+    assert [(h.action, h.automatic) for h in history] == [
+        ("initial", False), ("promote", True), ("rollback", False)]
+    again = [HistoryEntry.from_json(h.to_json()) for h in history]
+    assert again == history
+    # a state file written before the field: the policy's entries were the automatic ones
+    old = {k: v for k, v in history[1].to_json().items() if k != "automatic"}
+    assert HistoryEntry.from_json(old).automatic is True
+    assert HistoryEntry.from_json({**old, "actor": "uid=0"}).automatic is False
+    assert HistoryEntry.from_json({**old, "automatic": "yes"}).automatic is False
 
 
 def test_auto_upgrade_execute_waits_for_the_cooldown():
@@ -821,7 +842,7 @@ def test_apply_config_removing_the_primary_leaves_the_role_without_primary():
     assert role.primary is None
     assert role.history[-1].to_json() == {
         "at": T0 + 1, "action": "removed", "from": "a", "to": None,
-        "reason": "removed from the configuration", "actor": "reload"}
+        "reason": "removed from the configuration", "actor": "reload", "automatic": False}
     assert registry.get_model_for_use("chat").model_id == "b"
 
 

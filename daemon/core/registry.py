@@ -177,15 +177,19 @@ class HistoryEntry:
     to_id: str | None
     reason: str
     actor: str
+    automatic: bool = False  # made by the policy (failover, failback, upgrade, probation rollback)
 
     def to_json(self) -> dict[str, Any]:
         return {"at": self.at, "action": self.action, "from": self.from_id, "to": self.to_id,
-                "reason": self.reason, "actor": self.actor}
+                "reason": self.reason, "actor": self.actor, "automatic": self.automatic}
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> HistoryEntry:
+        actor = str(raw.get("actor", ""))
+        # state files from before the field: the policy's entries are the automatic ones
+        automatic = raw.get("automatic", actor == "policy")
         return cls(float(raw["at"]), str(raw["action"]), raw.get("from"), raw.get("to"),
-                   str(raw.get("reason", "")), str(raw.get("actor", "")))
+                   str(raw.get("reason", "")), actor, automatic is True)
 
 
 @dataclass(slots=True)
@@ -703,7 +707,7 @@ class ModelRegistry:
             role.preferred = role.preferred or old  # the stand-in is not preferred
         elif kind != policy.FAILBACK:
             role.preferred = model_id
-        self._record(role, HistoryEntry(now, "promote", old, model_id, reason, actor))
+        self._record(role, HistoryEntry(now, "promote", old, model_id, reason, actor, automatic))
         self._touch(decision=True)
         self._emit(now, EventKind.MODEL_PROMOTED, role=role_name, model_id=model_id,
                    from_id=old, to_id=model_id, reason=reason, actor=actor,
@@ -771,7 +775,8 @@ class ModelRegistry:
         state.promoted_automatically = False
         state.promotion_kind = "rollback"
         reason = reason or f"manual rollback by {actor}"
-        self._record(state, HistoryEntry(now, "rollback", current, restored, reason, actor))
+        self._record(state, HistoryEntry(now, "rollback", current, restored, reason, actor,
+                                         automatic))
         self._touch(decision=True)
         self._emit(now, EventKind.MODEL_ROLLED_BACK, role=role_name, model_id=restored or "",
                    from_id=current, to_id=restored, reason=reason, actor=actor,
