@@ -22,6 +22,7 @@ from .core.model import HTTP_PROVIDERS, MODEL_ID_RE, RESERVED_MODEL_IDS, ModelSp
 from .core.settings import (
     Config,
     DaemonConfig,
+    GatewayConfig,
     HealthConfig,
     PolicyConfig,
     ProbeConfig,
@@ -131,6 +132,83 @@ def _host_port(value: Any) -> str | None:
     return None
 
 
+# ----------------------------------------------------------------------------- [gateway]
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """Where the front door listens: a TCP ``host``/``port``, or a Unix socket ``path``."""
+
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    @property
+    def loopback(self) -> bool:
+        """Whether only this host can connect (a Unix socket, or a loopback address)."""
+        if self.path:
+            return True
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        if self.path:
+            return f"unix:{self.path}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_listen(value: str) -> ListenAddress:
+    """``"127.0.0.1:8088"``, ``"[::1]:8088"`` or ``"unix:/run/modeld/gateway.sock"`` as an
+    address; raises ValueError saying what is wrong."""
+    if value.startswith("unix:"):
+        path = value[len("unix:"):]
+        if not path.startswith("/"):
+            raise ValueError(f'"{value}": a Unix socket needs an absolute path '
+                             '("unix:/run/modeld/gateway.sock")')
+        if len(path.encode()) > 107:
+            raise ValueError(f'"{value}": the socket path is over 107 bytes, the limit of '
+                             "AF_UNIX")
+        return ListenAddress(path=path)
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f'"{value}" is not "HOST:PORT" (e.g. "127.0.0.1:8088") nor '
+                         '"unix:PATH"')
+    return ListenAddress(host=host, port=int(port))
+
+
+def _check_listen(value: Any) -> str | None:
+    if value == "":
+        return None
+    try:
+        parse_listen(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _check_env_name(value: Any) -> str | None:
+    if value and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        return (f'"{value}" is not an environment variable name; give the variable\'s name '
+                "(e.g. MODELD_CLIENTS_KEY), never the key itself")
+    return None
+
+
+def _check_gateway(gateway: GatewayConfig, out: _Collector) -> None:
+    """The rules across [gateway] keys: a door reachable from other hosts needs a key."""
+    if not gateway.listen or _check_listen(gateway.listen) is not None:
+        return
+    address = parse_listen(gateway.listen)
+    if not address.loopback and not gateway.clients_key_env:
+        out.add("gateway.clients_key_env", f'is required when gateway.listen ("{address}") '
+                "is not a loopback address: name the environment variable holding the "
+                "bearer token clients must send")
+
+
 SCHEMA: dict[str, tuple[type, tuple[Key, ...]]] = {
     "daemon": (
         DaemonConfig,
@@ -209,6 +287,24 @@ SCHEMA: dict[str, tuple[type, tuple[Key, ...]]] = {
                 "once it is healthy again"),
             Key("manual_hold", "duration", "an operator's promote or rollback holds the role "
                 "against optional promotions this long (0s: no hold)"),
+        ),
+    ),
+    "gateway": (
+        GatewayConfig,
+        (
+            Key("listen", "str", 'the OpenAI-compatible front door: "127.0.0.1:8088" or '
+                '"unix:/run/modeld/gateway.sock"; empty: off', _check_listen),
+            Key("clients_key_env", "str", "name of an env var holding the bearer token clients "
+                "must send; required when listen is not loopback", _check_env_name),
+            Key("first_byte_timeout", "duration", "an upstream that sends nothing for this long "
+                "counts as failed and the next model is tried", _positive),
+            Key("stream_idle_timeout", "duration", "an answer that then pauses this long between "
+                "two chunks is ended", _positive),
+            Key("max_attempts", "int", "models tried per request, along the resolve chain",
+                _positive),
+            Key("max_request_bytes", "int", "a bigger request body is refused (413)", _positive),
+            Key("max_concurrent", "int", "requests in flight; beyond it 429 with Retry-After",
+                _positive),
         ),
     ),
 }
@@ -441,6 +537,9 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>",
     if score is not None and score.health + score.latency + score.cost + score.quality <= 0:
         out.add("score", "the weights health, latency, cost and quality sum to 0; "
                 "give at least one a positive weight")
+    gateway = sections.get("gateway")
+    if gateway is not None:
+        _check_gateway(gateway, out)
     health = sections.get("health")
     if health is not None and health.window < 1:
         out.add("health.window", "must be at least 1")

@@ -73,6 +73,24 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """The OpenAI-compatible front door (DESIGN.md §6); off while ``listen`` is empty."""
+
+    listen: str = ""  # "HOST:PORT" or "unix:PATH"
+    clients_key_env: str = ""
+    first_byte_timeout: float = 60.0
+    stream_idle_timeout: float = 120.0
+    max_attempts: int = 3
+    max_request_bytes: int = 16 * 1024 * 1024
+    max_concurrent: int = 256
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the front door is served."""
+        return bool(self.listen)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole effective configuration."""
 
@@ -81,6 +99,7 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
     models: tuple[ModelSpec, ...] = ()
     path: str = ""
 
