@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     ProcessCollector,
     disable_created_metrics,
@@ -104,6 +105,28 @@ class Metrics:
         self.state_write_failures = Counter("modeld_state_write_failures", "State writes that "
                                             "failed (disk full, I/O error, ...)",
                                             registry=self.registry)
+        # the front door (daemon/gateway/): its own block, labels bounded by the config
+        self.gateway_requests = Counter(
+            "modeld_gateway_requests", "Front-door requests by route, role, the model that "
+            "served (empty: none), and outcome (ok, client_error, upstream_error, cut, "
+            "client_gone, failed, no_usable_model, unknown_model, rejected, unauthorized)",
+            ["route", "role", "model_id", "outcome"], registry=self.registry)
+        self.gateway_first_byte_seconds = Histogram(
+            "modeld_gateway_first_byte_seconds", "Front door: from sending a request upstream "
+            "to its first byte, per role and model", ["role", "model_id"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry)
+        self.gateway_attempts = Counter(
+            "modeld_gateway_attempts", "Front-door attempts per model, by outcome (ok: the "
+            "answer was relayed; failed: the request moved on)", ["model_id", "outcome"],
+            registry=self.registry)
+        self.gateway_failovers = Counter(
+            "modeld_gateway_failovers", "Front-door failovers away from a model, by role and "
+            "reason (refused, reset, timeout, http_503, rate_limited, key, ...)",
+            ["role", "model_id", "reason"], registry=self.registry)
+        self.gateway_in_flight = Gauge(
+            "modeld_gateway_requests_in_flight", "Front-door requests being served now",
+            registry=self.registry)
         # memory, CPU, open fds of the daemon: what an operator checks first at 3 a.m.
         ProcessCollector(registry=self.registry)
         self.registry.register(_RegistryCollector(get_registry))

@@ -1,0 +1,437 @@
+"""The front door's requests: who may come in, where each one goes, failover, the relay.
+
+A request names a role or a model (:mod:`.routing`); its chain is tried in order, at most
+``max_attempts`` models. An attempt fails over — before anything reached the client — when
+the upstream refuses or resets the connection, sends nothing within ``first_byte_timeout``
+(no headers, or headers and no first chunk), or answers 502/503/504/429 (or 401/403: the
+upstream refused *modeld's* key). Each failed attempt is an observation for that model's
+health, handed to the scheduler, which starts rechecks at once: the first failed request,
+not the next probe, moves ``resolve`` and the door for everyone. A request's success is
+not a latency sample (generation time is not probe latency), so it is not observed.
+
+Any other answer is the client's: relayed byte for byte (hop-by-hop headers dropped), chunk
+by chunk as it arrives, each chunk sent before the next is read — the upstream slows down
+to the client's pace. After the first byte there is no retry: if the upstream dies or
+pauses longer than ``stream_idle_timeout``, the client sees its stream cut.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+
+from .. import __version__
+from ..core.model import ModelSpec, ProbeResult
+from ..core.registry import ModelRegistry
+from ..core.settings import GatewayConfig
+from ..probing.context import upstream_auth
+from ..probing.replies import UpstreamError, describe_transport_error, one_line
+from .routing import (
+    PROXIED,
+    Chain,
+    DoorError,
+    choose,
+    model_entry,
+    model_listing,
+    routable,
+    upstream_url,
+)
+from .server import DoorRequest, Reply
+
+#: Upstream statuses that move the request to the next model (before the first byte).
+FAILOVER_STATUSES = frozenset({502, 503, 504, 429, 401, 403})
+
+#: Headers that belong to one connection, never forwarded (RFC 9110 §7.6.1), plus the ones
+#: the door sets itself.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "trailers", "transfer-encoding", "upgrade", "proxy-connection",
+})
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "authorization", "cookie"}
+_ERROR_PEEK_BYTES = 2048
+
+Observe = Callable[[str, ProbeResult], None]
+
+
+@dataclass(slots=True)
+class _Failure:
+    reason: str  # one line, for the log, the metrics and the 503's reasons
+    kind: str  # refused, reset, timeout, http_503, key, ...
+    result: ProbeResult
+
+
+def make_upstream_client(*, transport: httpx.AsyncBaseTransport | None = None
+                         ) -> httpx.AsyncClient:
+    """The door's own HTTP client for upstreams (apart from the probes': their timeouts and
+    pool are sized for small requests). httpx: already the daemon's client, async,
+    streaming, pooled with keep-alive; the benchmark in tests/bench/bench_gateway.py measures
+    what it costs per request. Timeouts are set per request from the config."""
+    return httpx.AsyncClient(
+        follow_redirects=False,
+        trust_env=False,
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256,
+                            keepalive_expiry=30.0),
+        timeout=httpx.Timeout(60.0),
+        headers={"User-Agent": f"modeld/{__version__} (front door, pid {os.getpid()})"},
+        transport=transport,
+    )
+
+
+class Gateway:
+    """Serves the OpenAI API on top of the registry: give :meth:`handle` to a DoorServer.
+
+    ``config``, ``registry`` are read at each request (a reload applies to the next one);
+    ``observe(model_id, result)`` takes each failed attempt; ``metrics`` is the daemon's
+    :class:`~daemon.service.metrics.Metrics` (or None).
+    """
+
+    def __init__(self, *, config: Callable[[], GatewayConfig],
+                 registry: Callable[[], ModelRegistry], observe: Observe,
+                 client: httpx.AsyncClient, log: Any, metrics: Any = None,
+                 environ: Mapping[str, str] | None = None,
+                 created: int | None = None) -> None:
+        self.config = config
+        self.registry = registry
+        self.observe = observe
+        self.client = client
+        self.log = log
+        self.metrics = metrics
+        self.environ = os.environ if environ is None else environ
+        self.created = int(time.time()) if created is None else created
+        self.in_flight = 0
+
+    # ------------------------------------------------------------------ the entry point
+
+    async def handle(self, request: DoorRequest, reply: Reply) -> None:
+        """Answer one request (the DoorServer's handler)."""
+        try:
+            self._authorize(request)
+            if request.path in PROXIED:
+                if request.method != "POST":
+                    raise DoorError(405, "method_not_allowed",
+                                    f"{request.method} {request.path}: use POST")
+                await self._limited(request, reply)
+            elif request.path == "/v1/models" or request.path.startswith("/v1/models/"):
+                if request.method not in ("GET", "HEAD"):
+                    raise DoorError(405, "method_not_allowed",
+                                    f"{request.method} {request.path}: use GET")
+                await self._models(request, reply)
+            else:
+                raise DoorError(404, "unknown_url",
+                                f"Invalid URL ({request.method} {request.path}): the door "
+                                "serves POST /v1/chat/completions, /v1/completions, "
+                                "/v1/embeddings and GET /v1/models")
+        except DoorError as exc:
+            if reply.started:  # pragma: no cover - errors are raised before the answer
+                reply.abort()
+                return
+            await reply.complete(exc.status, [*error_headers(exc.headers)], exc.body())
+
+    def _authorize(self, request: DoorRequest) -> None:
+        name = self.config().clients_key_env
+        if not name:
+            return  # loopback without a key: the client's Authorization is ignored
+        key = self.environ.get(name, "").strip()
+        given = request.header("authorization") or ""
+        scheme, _, token = given.partition(" ")
+        if not key or scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode(), key.encode()):
+            self._count(request.path, "", "", "unauthorized")
+            raise DoorError(401, "invalid_api_key",
+                            "Incorrect API key provided: send the front door's client key as "
+                            "Authorization: Bearer <key> (gateway.clients_key_env).",
+                            headers=(("www-authenticate", 'Bearer realm="modeld"'),))
+
+    async def _models(self, request: DoorRequest, reply: Reply) -> None:
+        registry = self.registry()
+        if request.path == "/v1/models":
+            document: dict[str, Any] = model_listing(registry, self.created)
+        else:
+            wanted = request.path[len("/v1/models/"):]
+            listing = model_listing(registry, self.created)["data"]
+            found = next((item for item in listing if item["id"] == wanted), None)
+            if found is None:
+                entry = registry.models.get(wanted)
+                if entry is None or not routable(entry.spec):
+                    raise DoorError(404, "model_not_found",
+                                    f"The model `{wanted}` does not exist.")
+                found = model_entry(entry, self.created)  # pragma: no cover - listed above
+            document = found
+        body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+        await reply.complete(200, [(b"content-type", b"application/json")], body)
+
+    # ------------------------------------------------------------------ proxied routes
+
+    async def _limited(self, request: DoorRequest, reply: Reply) -> None:
+        config = self.config()
+        if self.in_flight >= config.max_concurrent:
+            self._count(request.path, "", "", "rejected")
+            raise DoorError(429, "too_many_requests",
+                            f"the front door has {self.in_flight} requests in flight, its limit "
+                            f"(gateway.max_concurrent = {config.max_concurrent}); retry shortly",
+                            headers=(("retry-after", "1"),))
+        self.in_flight += 1
+        if self.metrics is not None:
+            self.metrics.gateway_in_flight.inc()
+        try:
+            await self._proxy(request, reply, config)
+        finally:
+            self.in_flight -= 1
+            if self.metrics is not None:
+                self.metrics.gateway_in_flight.dec()
+
+    async def _proxy(self, request: DoorRequest, reply: Reply, config: GatewayConfig) -> None:
+        payload = _parse_body(request.body)
+        asked = payload.get("model")
+        if not isinstance(asked, str) or not asked:
+            raise DoorError(400, "missing_model", 'the request body needs "model": a role '
+                            '(e.g. "chat") or a model id; GET /v1/models lists them')
+        registry = self.registry()
+        capabilities = tuple(
+            tag.strip() for tag in (request.header("x-modeld-capabilities") or "").split(",")
+            if tag.strip())
+        try:
+            chain = choose(registry, asked, capabilities)
+        except DoorError as exc:
+            self._count(request.path, asked if asked in registry.roles else "", "",
+                        "no_usable_model" if exc.status == 503 else "unknown_model")
+            raise
+        headers = _forwarded_headers(request)
+        failures: dict[str, str] = {}
+        tried = chain.model_ids[: config.max_attempts]
+        served_by = ""
+        role_label = chain.role or ""
+        try:
+            for attempt, model_id in enumerate(tried, start=1):
+                entry = registry.models.get(model_id)
+                if entry is None:  # removed by a reload meanwhile
+                    continue
+                spec = entry.spec
+                role_label = chain.role or spec.role
+                failure = await self._attempt(spec, request, payload, headers, reply, attempt,
+                                              chain, config)
+                if failure is None:
+                    served_by = model_id
+                    return
+                failures[model_id] = failure.reason
+                self._observe_failure(spec, failure)
+                nxt = tried[attempt] if attempt < len(tried) else None
+                self.log.warning("gateway_failover" if nxt else "gateway_attempt_failed",
+                                 route=request.path, asked=asked, model_id=model_id,
+                                 next_model=nxt, attempt=attempt, reason=failure.reason)
+                if self.metrics is not None:
+                    self.metrics.gateway_attempts.labels(model_id, "failed").inc()
+                    if nxt:
+                        self.metrics.gateway_failovers.labels(role_label, model_id,
+                                                              failure.kind).inc()
+        finally:
+            if served_by:
+                self._count(request.path, role_label, served_by, _outcome(reply))
+            elif reply.started or len(failures) < len(tried):
+                # the client hung up (mid-answer, or while an attempt was under way)
+                self._count(request.path, role_label, "", "client_gone")
+            else:
+                self._count(request.path, role_label, "", "failed")
+        detail = "; ".join(f"{m}: {why}" for m, why in failures.items())
+        raise DoorError(503, "no_usable_model",
+                        f'every model tried for "{asked}" failed ({detail})',
+                        headers=(("retry-after", "1"), ("x-modeld-attempts",
+                                                        str(len(failures)))),
+                        reasons=failures)
+
+    async def _attempt(self, spec: ModelSpec, request: DoorRequest, payload: dict[str, Any],
+                       headers: dict[str, str], reply: Reply, attempt: int, chain: Chain,
+                       config: GatewayConfig) -> _Failure | None:
+        """One try: None when the answer was the client's (relayed), else why it failed."""
+        try:
+            auth = upstream_auth(spec, self.environ)
+        except UpstreamError as exc:
+            return _Failure(exc.reason, "key", ProbeResult.failure(exc.reason))
+        body = json.dumps({**payload, "model": spec.upstream_name}, separators=(",", ":"),
+                          ensure_ascii=False).encode()
+        url = PROXIED[request.path]
+        upstream = self.client.build_request(
+            "POST", upstream_url(spec, url), content=body, headers={**headers, **auth},
+            timeout=httpx.Timeout(config.stream_idle_timeout,
+                                  connect=min(10.0, config.first_byte_timeout),
+                                  pool=config.first_byte_timeout))
+        started = time.perf_counter()
+        first_byte_deadline = anyio.current_time() + config.first_byte_timeout
+        timeout_reason = (f"nothing within {config.first_byte_timeout:g}s "
+                          "(gateway.first_byte_timeout)")
+        try:
+            with anyio.fail_after(config.first_byte_timeout):
+                response = await self.client.send(upstream, stream=True)
+        except TimeoutError:
+            return _Failure(timeout_reason, "timeout", ProbeResult.failure(timeout_reason))
+        except httpx.TimeoutException:
+            return _Failure(timeout_reason, "timeout", ProbeResult.failure(timeout_reason))
+        except httpx.HTTPError as exc:
+            reason = describe_transport_error(exc)
+            return _Failure(reason, _kind(reason), ProbeResult.failure(reason))
+        try:
+            status = response.status_code
+            chunks = response.aiter_raw()
+            if status in FAILOVER_STATUSES:
+                return await self._refused(response, chunks, first_byte_deadline)
+            try:
+                with anyio.fail_at(first_byte_deadline):
+                    first = await anext(chunks, b"")
+            except TimeoutError:
+                reason = f"headers, then {timeout_reason}"
+                return _Failure(reason, "timeout", ProbeResult.failure(reason))
+            except httpx.HTTPError as exc:
+                reason = f"before the first byte: {describe_transport_error(exc)}"
+                return _Failure(reason, "reset", ProbeResult.failure(reason))
+            # the answer is the client's from here on: no retry
+            await reply.start(status, _answer_headers(response, spec.id, attempt))
+            if self.metrics is not None:
+                self.metrics.gateway_first_byte_seconds.labels(
+                    chain.role or spec.role, spec.id).observe(time.perf_counter() - started)
+                self.metrics.gateway_attempts.labels(spec.id, "ok").inc()
+            await reply.write(first)
+            try:
+                async for chunk in chunks:
+                    await reply.write(chunk)
+            except httpx.HTTPError as exc:
+                reason = ("paused longer than gateway.stream_idle_timeout "
+                          f"({config.stream_idle_timeout:g}s)"
+                          if isinstance(exc, httpx.TimeoutException)
+                          else describe_transport_error(exc))
+                self.log.warning("gateway_stream_cut", model_id=spec.id, route=request.path,
+                                 reason=f"after the first byte: {reason}")
+                reply.abort()
+                if not isinstance(exc, httpx.TimeoutException):
+                    self.observe(spec.id, ProbeResult.failure(
+                        f"front door: after the first byte: {reason}"))
+                return None
+            await reply.finish()
+            return None
+        finally:
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+
+    async def _refused(self, response: httpx.Response, chunks: Any,
+                       deadline: float) -> _Failure:
+        """The failure for a 5xx/429/401/403 answer, its message peeked at for the reason."""
+        status = response.status_code
+        peek = b""
+        with anyio.move_on_at(min(deadline, anyio.current_time() + 1.0)):
+            try:
+                async for chunk in chunks:
+                    peek += chunk
+                    if len(peek) >= _ERROR_PEEK_BYTES:
+                        break
+            except httpx.HTTPError:
+                pass
+        detail = _error_message(peek[:_ERROR_PEEK_BYTES])
+        reason = f"HTTP {status}" + (f": {detail}" if detail else "")
+        if status == 429:
+            return _Failure(reason, "rate_limited", ProbeResult.degraded(reason))
+        if status in (401, 403):
+            reason += " (the upstream refused modeld's key: check api_key_env)"
+            return _Failure(reason, "key", ProbeResult.failure(reason))
+        return _Failure(reason, f"http_{status}", ProbeResult.failure(reason))
+
+    def _observe_failure(self, spec: ModelSpec, failure: _Failure) -> None:
+        result = failure.result
+        self.observe(spec.id, ProbeResult(result.status, None, f"front door: {result.reason}",
+                                          result.facts))
+
+    def _count(self, route: str, role: str, model_id: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.gateway_requests.labels(route, role, model_id, outcome).inc()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _parse_body(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except UnicodeDecodeError:
+        raise DoorError(400, "invalid_json", "the request body is not UTF-8") from None
+    except ValueError as exc:
+        raise DoorError(400, "invalid_json",
+                        f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise DoorError(400, "invalid_json", "the request body must be a JSON object")
+    return payload
+
+
+def _forwarded_headers(request: DoorRequest) -> dict[str, str]:
+    """The client's headers that go upstream: not hop-by-hop, not its credentials, not
+    modeld's own. Without an Accept-Encoding of the client's, ask for identity, so that
+    httpx's default (gzip) cannot make the upstream compress what the client did not ask for."""
+    named = {token.strip().lower() for value in
+             (v for k, v in request.headers if k == "connection") for token in value.split(",")}
+    out: dict[str, str] = {}
+    for name, value in request.headers:
+        if name in _NOT_FORWARDED or name in named or name.startswith("x-modeld-"):
+            continue
+        out[name] = f"{out[name]}, {value}" if name in out else value
+    out.setdefault("accept-encoding", "identity")
+    return out
+
+
+def _answer_headers(response: httpx.Response, model_id: str,
+                    attempts: int) -> list[tuple[bytes, bytes]]:
+    raw = response.headers.raw
+    named = {token.strip().lower() for name, value in raw if name.lower() == b"connection"
+             for token in value.decode("latin-1").split(",")}
+    headers = [(name, value) for name, value in raw
+               if (low := name.decode("latin-1").lower()) not in HOP_BY_HOP
+               and low not in named and not low.startswith("x-modeld-")]
+    headers.append((b"x-modeld-model", model_id.encode()))
+    headers.append((b"x-modeld-attempts", str(attempts).encode()))
+    return headers
+
+
+def error_headers(extra: tuple[tuple[str, str], ...] = ()) -> list[tuple[bytes, bytes]]:
+    """Headers of an answer the door gives itself."""
+    return [(b"content-type", b"application/json"), (b"server", b"modeld"),
+            *((k.encode(), v.encode()) for k, v in extra)]
+
+
+def _error_message(body: bytes) -> str:
+    """The message of an upstream's error body, whatever its shape, on one line."""
+    if not body.strip():
+        return ""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return one_line(body.decode("utf-8", "replace"), 160)
+    if isinstance(data, dict):
+        error = data.get("error", data)
+        if isinstance(error, dict):
+            message = error.get("message") or error.get("detail") or ""
+        else:
+            message = error
+        return one_line(str(message or data.get("detail") or ""), 160)
+    return ""
+
+
+def _kind(reason: str) -> str:
+    if "refused" in reason:
+        return "refused"
+    if "reset" in reason or "closed" in reason:
+        return "reset"
+    return "transport"
+
+
+def _outcome(reply: Reply) -> str:
+    if reply.aborted:
+        return "cut"
+    if reply.status >= 500:
+        return "upstream_error"
+    if reply.status >= 400:
+        return "client_error"
+    return "ok"
