@@ -29,9 +29,21 @@ class Door:
     observed: list[tuple[str, ProbeResult]] = field(default_factory=list)
     environ: dict[str, str] = field(default_factory=dict)
 
-    def client(self, key: str = "unused", **kwargs: Any) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0,
-                                  **kwargs)
+    clients: dict[str, openai.AsyncOpenAI] = field(default_factory=dict)
+
+    def client(self, key: str = "unused") -> openai.AsyncOpenAI:
+        """The SDK pointed at the door (one per key, closed with the door)."""
+        if key not in self.clients:
+            self.clients[key] = openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=key,
+                                                   max_retries=0)
+        return self.clients[key]
+
+    async def settled(self, timeout: float = 2.0) -> None:
+        """Wait until no request is in flight (the SDK returns once it has the whole body,
+        a moment before the door has seen the upstream's end)."""
+        with anyio.fail_after(timeout):
+            while self.gateway.in_flight:
+                await anyio.sleep(0.005)
 
     def sample(self, name: str, **labels: str) -> float:
         value = self.metrics.registry.get_sample_value(name, labels or None)
@@ -75,8 +87,11 @@ async def running_door(models: Sequence[ModelSpec], *, gateway: GatewayConfig | 
         port = listener.extra(anyio.abc.SocketAttribute.local_port)
         async with anyio.create_task_group() as tg:
             await tg.start(server.serve, listener)
+            door = Door(f"http://127.0.0.1:{port}", registry, gw, metrics, observed, env)
             try:
-                yield Door(f"http://127.0.0.1:{port}", registry, gw, metrics, observed, env)
+                yield door
             finally:
+                for sdk in door.clients.values():
+                    await sdk.close()
                 await server.shutdown(0.5)
                 tg.cancel_scope.cancel()

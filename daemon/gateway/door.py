@@ -207,7 +207,6 @@ class Gateway:
         headers = _forwarded_headers(request)
         failures: dict[str, str] = {}
         tried = chain.model_ids[: config.max_attempts]
-        served_by = ""
         role_label = chain.role or ""
         try:
             for attempt, model_id in enumerate(tried, start=1):
@@ -219,7 +218,6 @@ class Gateway:
                 failure = await self._attempt(spec, request, payload, headers, reply, attempt,
                                               chain, config)
                 if failure is None:
-                    served_by = model_id
                     return
                 failures[model_id] = failure.reason
                 self._observe_failure(spec, failure)
@@ -233,8 +231,8 @@ class Gateway:
                         self.metrics.gateway_failovers.labels(role_label, model_id,
                                                               failure.kind).inc()
         finally:
-            if served_by:
-                self._count(request.path, role_label, served_by, _outcome(reply))
+            if reply.served_by:
+                pass  # counted when the answer ended
             elif reply.started or len(failures) < len(tried):
                 # the client hung up (mid-answer, or while an attempt was under way)
                 self._count(request.path, role_label, "", "client_gone")
@@ -293,9 +291,10 @@ class Gateway:
                 return _Failure(reason, "reset", ProbeResult.failure(reason))
             # the answer is the client's from here on: no retry
             await reply.start(status, _answer_headers(response, spec.id, attempt))
+            role = chain.role or spec.role
             if self.metrics is not None:
                 self.metrics.gateway_first_byte_seconds.labels(
-                    chain.role or spec.role, spec.id).observe(time.perf_counter() - started)
+                    role, spec.id).observe(time.perf_counter() - started)
                 self.metrics.gateway_attempts.labels(spec.id, "ok").inc()
             await reply.write(first)
             try:
@@ -309,10 +308,15 @@ class Gateway:
                 self.log.warning("gateway_stream_cut", model_id=spec.id, route=request.path,
                                  reason=f"after the first byte: {reason}")
                 reply.abort()
+                reply.served_by = spec.id
+                self._count(request.path, role, spec.id, "cut")
                 if not isinstance(exc, httpx.TimeoutException):
                     self.observe(spec.id, ProbeResult.failure(
                         f"front door: after the first byte: {reason}"))
                 return None
+            # counted before the end reaches the client, so a scrape right after sees it
+            reply.served_by = spec.id
+            self._count(request.path, role, spec.id, _outcome(reply))
             await reply.finish()
             return None
         finally:
@@ -428,8 +432,6 @@ def _kind(reason: str) -> str:
 
 
 def _outcome(reply: Reply) -> str:
-    if reply.aborted:
-        return "cut"
     if reply.status >= 500:
         return "upstream_error"
     if reply.status >= 400:

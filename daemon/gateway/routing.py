@@ -102,7 +102,10 @@ def choose(registry: ModelRegistry, asked: str, capabilities: Sequence[str] = ()
         try:
             answer = registry.get_model_for_use(asked, capabilities)
         except NoUsableModel as exc:
-            raise _none_usable(asked, exc.message, exc.reasons) from None
+            reasons = {m: why if routable(registry.models[m].spec) else
+                       f"not routable: provider {registry.models[m].spec.provider} has no "
+                       f"server; {why}" for m, why in exc.reasons.items()}
+            raise _none_usable(asked, exc.message, reasons) from None
         except UnknownRole:  # pragma: no cover - role_members said it exists
             raise _unknown(registry, asked) from None
         skipped: dict[str, str] = {}
@@ -119,6 +122,10 @@ def choose(registry: ModelRegistry, asked: str, capabilities: Sequence[str] = ()
     entry = registry.models.get(asked)
     if entry is None:
         raise _unknown(registry, asked)
+    if not routable(entry.spec):
+        raise DoorError(404, "model_not_found",
+                        f"The model `{asked}` has no server the front door could send requests "
+                        f"to (provider {entry.spec.provider}); ask for a role or another model.")
     why = _unusable(registry, entry, capabilities)
     if why is not None:
         raise _none_usable(asked, f'model "{asked}" is not usable now', {asked: why})

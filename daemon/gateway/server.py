@@ -62,6 +62,7 @@ class Reply:
     finished: bool = False
     aborted: bool = False
     status: int = 0
+    served_by: str = ""  # the model whose answer this is (set by the door)
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """Send the status line and headers (no Content-Length: chunked for HTTP/1.1)."""

@@ -279,7 +279,8 @@ class _ChatMixin:
                 try:
                     while await stream.receive(65536):
                         pass
-                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                except (anyio.EndOfStream, anyio.BrokenResourceError,
+                        anyio.ClosedResourceError, OSError):
                     pass
                 closed = True
                 group.cancel_scope.cancel()
