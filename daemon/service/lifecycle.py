@@ -18,6 +18,7 @@ import httpx
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .. import __version__
+from ..config import parse_listen
 from ..control.api import ControlAPI, StateNotSaved
 from ..control.auth import Authorizer
 from ..control.listeners import (
@@ -33,6 +34,7 @@ from ..core.clock import Instant
 from ..core.model import Event, ProbeResult
 from ..core.registry import ModelRegistry
 from ..core.settings import Config
+from ..gateway import DoorServer, Gateway, make_upstream_client, refusal
 from ..persist.codec import StateShapeError, check_state_shape, from_state
 from ..persist.store import StateError, StateLocked, StateStore
 from ..probing.context import make_http_client
@@ -110,6 +112,10 @@ class Daemon:
                                          self.log.bind(component="metrics"))
         self.pm: Any = None
         self.prober: Prober | None = None
+        # the front door (daemon/gateway/), built in _open_gateway when [gateway] listen is set
+        self.gateway: Gateway | None = None
+        self.door_server: DoorServer | None = None
+        self.gateway_client: httpx.AsyncClient | None = None
         self.client: httpx.AsyncClient | None = None
         self.socket_path = config.daemon.socket
 
@@ -300,6 +306,38 @@ class Daemon:
             raise StartupError(f"metrics_listen {spec}: {exc.strerror or exc}",
                                EX_CANTCREAT) from None
 
+    async def _open_gateway(self) -> anyio.abc.Listener[Any] | None:
+        """The front door's listener (None when [gateway] listen is empty), its Gateway and
+        server built; a door without its client key refuses to start (exit 78)."""
+        config = self.config.gateway
+        if not config.enabled:
+            return None
+        if config.clients_key_env and not self.environ.get(config.clients_key_env, "").strip():
+            raise StartupError(
+                f"gateway.clients_key_env: ${config.clients_key_env} is not set or empty, and "
+                f"the front door ({config.listen}) would refuse every client; set it (systemd: "
+                "Environment= or EnvironmentFile= in a drop-in)", EX_CONFIG)
+        address = parse_listen(config.listen)
+        try:
+            if address.path:
+                listener: anyio.abc.Listener[Any] = await create_unix_listener(
+                    address.path, self.config.daemon.socket_mode)
+            else:
+                listener = await create_tcp_listener(address.host, address.port)
+        except SocketInUseError as exc:
+            raise StartupError(f"gateway.listen {config.listen}: {exc}", EX_TEMPFAIL) from None
+        except OSError as exc:
+            raise StartupError(f"gateway.listen {config.listen}: {exc.strerror or exc}",
+                               EX_CANTCREAT) from None
+        self.gateway_client = make_upstream_client()
+        log = self.log.bind(component="gateway")
+        self.gateway = Gateway(config=lambda: self.config.gateway, registry=lambda: self.registry,
+                               observe=self.scheduler.observe, client=self.gateway_client,
+                               log=log, metrics=self.metrics, environ=self.environ)
+        self.door_server = DoorServer(self.gateway.handle,
+                                      lambda: self.config.gateway.max_request_bytes, refusal, log)
+        return listener
+
     async def run(self) -> int:
         """Start, serve until SIGTERM/SIGINT, stop cleanly; returns the exit status."""
         try:
@@ -317,14 +355,16 @@ class Daemon:
             self.store.unlock()
 
     async def _close_client(self) -> None:
-        if self.client is not None:
-            with anyio.CancelScope(shield=True):
-                await self.client.aclose()
+        for client in (self.client, self.gateway_client):
+            if client is not None:
+                with anyio.CancelScope(shield=True):
+                    await client.aclose()
 
     async def _serve(self) -> int:
         try:
             listener = await self._open_listener()
             metrics_listener = await self._open_metrics_listener()
+            gateway_listener = await self._open_gateway()
         except StartupError as exc:
             self.log.error("startup_failed", error=str(exc), exit_code=exc.code)
             return exc.code
@@ -333,6 +373,8 @@ class Daemon:
             await root.start(self.server.serve, listener)
             if metrics_listener is not None:
                 await root.start(self.metrics_server.serve, metrics_listener)
+            if gateway_listener is not None and self.door_server is not None:
+                await root.start(self.door_server.serve, gateway_listener)
             try:
                 await self.persist()
             except StateNotSaved as exc:
@@ -352,7 +394,8 @@ class Daemon:
                 self.log.info("daemon_started", version=__version__, pid=os.getpid(),
                               socket=self.socket_path, state_file=str(self.store.path),
                               config=self.config_path, models=len(self.registry.models),
-                              offline_mode=self.registry.offline_mode)
+                              offline_mode=self.registry.offline_mode,
+                              gateway=self.config.gateway.listen or None)
                 self.notifier.ready(self.status_line())
                 await self._stop.wait()
                 self.notifier.stopping("stopping")
@@ -373,3 +416,5 @@ class Daemon:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.server.shutdown, grace)
                 tg.start_soon(self.metrics_server.shutdown, min(grace, 1.0))
+                if self.door_server is not None:
+                    tg.start_soon(self.door_server.shutdown, grace)

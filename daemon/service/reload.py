@@ -46,6 +46,12 @@ async def reload(daemon: Daemon, actor: str) -> dict[str, Any]:
         restart.append("probe.max_concurrent")
         new = replace(new, probe=replace(new.probe,
                                          max_concurrent=daemon.config.probe.max_concurrent))
+    if new.gateway.listen != daemon.config.gateway.listen:
+        # the door's listener is opened at start; until a restart it keeps its address and,
+        # so that a door open to the network never loses its key, its clients_key_env
+        restart.append("gateway.listen")
+        new = replace(new, gateway=replace(new.gateway, listen=daemon.config.gateway.listen,
+                                           clients_key_env=daemon.config.gateway.clients_key_env))
     diff = daemon.registry.apply_config(new, time.time(), actor=actor)
     daemon.config = new
     # look the admin group up again: it may have been created since

@@ -287,6 +287,12 @@ class _ChatMixin:
 
             group.start_soon(watch)
             try:
+                if not self.chunk_interval and cut is None:
+                    # no pause between tokens: one write, as a fast server's kernel coalesces
+                    # them (and a kill cannot land between two of them)
+                    data = b"".join(conn.send(h11.Data(data=e)) or b"" for e in events)
+                    await stream.send(data + (conn.send(h11.EndOfMessage()) or b""))
+                    events = ()
                 for index, event in enumerate(events):
                     if index == cut:
                         await _reset(stream)
@@ -297,9 +303,10 @@ class _ChatMixin:
                     data = conn.send(h11.Data(data=event))
                     assert data is not None
                     await stream.send(data)
-                end = conn.send(h11.EndOfMessage())
-                assert end is not None
-                await stream.send(end)
+                if events:
+                    end = conn.send(h11.EndOfMessage())
+                    assert end is not None
+                    await stream.send(end)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 closed = True
             group.cancel_scope.cancel()
