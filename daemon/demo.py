@@ -20,9 +20,11 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,7 +33,8 @@ from types import FrameType
 from typing import Any, TypeVar
 
 from .control import ctl
-from .testing.fakes import FakeOllama, FakeOpenAI, FakeServers, write_gguf
+from .testing.chat_fakes import ChatOllama, ChatOpenAI
+from .testing.fakes import FakeServers, write_gguf
 from .testing.harness import DaemonError, DaemonProcess, daemon_config
 
 __all__ = ["main"]
@@ -96,8 +99,9 @@ class Demo:
 
     workdir: Path
     servers: FakeServers
-    vllm: FakeOpenAI = field(init=False)
-    ollama: FakeOllama = field(init=False)
+    vllm: ChatOpenAI = field(init=False)
+    ollama: ChatOllama = field(init=False)
+    door_port: int = field(init=False)
     gguf: Path = field(init=False)
     daemon: DaemonProcess = field(init=False)
     models: list[dict[str, Any]] = field(default_factory=list)
@@ -111,9 +115,10 @@ class Demo:
 
     def start_upstreams(self) -> None:
         """A vLLM server, an Ollama server (a little slower) and a GGUF file."""
-        self.vllm = self.servers.start(FakeOpenAI(["Qwen/Qwen2.5-7B-Instruct"], flavor="vllm"))
+        self.vllm = self.servers.start(ChatOpenAI(["Qwen/Qwen2.5-7B-Instruct"], flavor="vllm"))
         self.ollama = self.servers.start(
-            FakeOllama(["llama3:8b"], loaded=["llama3:8b"], latency=0.08))
+            ChatOllama(["llama3:8b"], loaded=["llama3:8b"], latency=0.08))
+        self.door_port = _free_port()
         (self.workdir / "models").mkdir()
         self.gguf = write_gguf(
             self.workdir / "models" / "tinyllama-1.1b-chat.Q4_K_M.gguf",
@@ -131,7 +136,13 @@ class Demo:
             # default; short here so the scenario plays in seconds)
             policy={"interval": "2s", "auto_execute": False, "min_margin": 0.05,
                     "min_consecutive_healthy": 2, "sustain": "1s"},
+            gateway={"listen": f"127.0.0.1:{self.door_port}", "first_byte_timeout": "2s"},
         )
+
+    @property
+    def door(self) -> str:
+        """The front door's base URL, for OpenAI clients."""
+        return f"http://127.0.0.1:{self.door_port}/v1"
 
     def declare_models(self) -> None:
         self.models = [
@@ -262,22 +273,105 @@ def step_failover(demo: Demo) -> None:
     heading(2, f"The primary's server dies: {ROLE} fails over",
             "applications ask modeld instead of hard-coding an endpoint, so an outage costs "
             "them seconds, not an incident.")
-    say(f"  (stopping the fake vLLM server at {demo.vllm.url}: connections are now refused)")
-    demo.vllm.set_mode("down")
-    target = "within about 2 s"
+    traffic = DoorTraffic(demo.door)
+    say(f"  (meanwhile {traffic.client_name} keeps asking the front door for model=\"{ROLE}\":")
+    say(f"   OpenAI(base_url=\"{demo.door}\", api_key=\"-\").chat.completions.create("
+        f"model=\"{ROLE}\", ...))")
+    traffic.start()
     try:
-        new, took = demo.wait(lambda: (r := demo.resolve_id()) != PRIMARY and r,
-                              FAILOVER_DEADLINE, f"failover away from {PRIMARY}")
-    except StepFailed as exc:
-        demo.record("failover", False, f"{exc} (target: {target})")
-        raise
+        demo.wait(lambda: traffic.served.count(PRIMARY) >= 5, SETTLE_DEADLINE,
+                  f"requests through the front door to {PRIMARY}")
+        say(f"  (stopping the fake vLLM server at {demo.vllm.url}: connections are now refused)")
+        demo.vllm.set_mode("down")
+        target = "within about 2 s"
+        try:
+            new, took = demo.wait(lambda: (r := demo.resolve_id()) != PRIMARY and r,
+                                  FAILOVER_DEADLINE, f"failover away from {PRIMARY}")
+        except StepFailed as exc:
+            demo.record("failover", False, f"{exc} (target: {target})")
+            raise
+        after = len(traffic.served)
+        demo.wait(lambda: len(traffic.served) >= after + 10 or traffic.errors, SETTLE_DEADLINE,
+                  "more requests through the front door")
+    finally:
+        traffic.stop()
+    if traffic.errors:
+        raise StepFailed(f"{len(traffic.errors)} of the client's requests failed through the "
+                         f"front door: {traffic.errors[0]}")
+    by_model = ", ".join(f"{traffic.served.count(m)} by {m}" for m in (PRIMARY, FALLBACK))
+    say(f"  the client sent {len(traffic.served)} requests: {by_model}, and not one failed "
+        "(the front door tried the next model before answering)")
     demo.modelctl("list")
     chain = demo.resolved()
     if new != FALLBACK or chain[:1] != [FALLBACK]:
         raise StepFailed(f"failed over to {new} (modelctl shows {chain[:1]}), "
                          f"expected {FALLBACK}, the best-scoring model left")
     demo.record("failover", True, f"{ROLE} -> {FALLBACK} {took:.2f} s after {PRIMARY}'s "
-                f"server died ({target}; 3 failed probes, 200 ms apart, confirm the outage)")
+                f"server died ({target}: the front door's first failed request started the "
+                f"rechecks at once); {len(traffic.served)} requests through the door, 0 failed")
+
+
+class DoorTraffic:
+    """A client on a thread asking the front door for ``model="chat"`` until stopped: the
+    ``openai`` SDK when it is installed (it is a test dependency, not the daemon's), else the
+    same requests with httpx."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.served: list[str] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo-door-client", daemon=True)
+        try:
+            import openai  # noqa: F401
+        except ImportError:
+            self.client_name = "a client (httpx: the openai package is not installed)"
+            self._sdk = False
+        else:
+            self.client_name = "an OpenAI SDK client"
+            self._sdk = True
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        messages = [{"role": "user", "content": "Say hi"}]
+        if self._sdk:
+            import openai
+
+            sdk = openai.OpenAI(base_url=self.base_url, api_key="-", max_retries=0)
+
+            def ask() -> str:
+                raw = sdk.chat.completions.with_raw_response.create(
+                    model=ROLE, messages=messages)  # type: ignore[arg-type]
+                return str(raw.headers["x-modeld-model"])
+        else:
+            import httpx
+
+            plain = httpx.Client(base_url=self.base_url, timeout=10)
+
+            def ask() -> str:
+                answer = plain.post("/chat/completions", json={"model": ROLE,
+                                                               "messages": messages})
+                answer.raise_for_status()
+                return answer.headers["x-modeld-model"]
+        while not self._stop.is_set():
+            try:
+                self.served.append(ask())
+            except Exception as exc:  # every failure is reported by the step
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                return
+            time.sleep(0.01)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def step_recovery(demo: Demo) -> None:
@@ -377,6 +471,7 @@ def _banner(demo: Demo) -> None:
     say(f"             GGUF file {demo.gguf}")
     say(f"  daemon:    pid {demo.daemon.pid}, `modeld run --config {demo.daemon.config_path}`")
     say(f"  socket:    {demo.socket}")
+    say(f"  front door: {demo.door}  (OpenAI API: model=\"{ROLE}\" is the role)")
     say(f"  try it:    export MODELD_SOCKET={shlex.quote(demo.socket)}")
 
 
@@ -396,6 +491,10 @@ def _explore(demo: Demo) -> None:
         f"modelctl offline on                # {PRIMARY} and {BETTER} are declared remote",
         "curl --unix-socket $MODELD_SOCKET http://modeld/api/v1/status",
         f"curl {demo.vllm.url}/v1/models   # the fake vLLM server itself",
+        f"curl {demo.door}/models   # the front door: roles and models with their health",
+        f"curl {demo.door}/chat/completions -H 'content-type: application/json' "
+        f"-d '{{\"model\": \"{ROLE}\", \"messages\": [{{\"role\": \"user\", "
+        f"\"content\": \"hi\"}}]}}'",
     ):
         say(f"  {line}")
     say(f"  daemon log: {demo.daemon.log_path}")

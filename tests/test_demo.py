@@ -160,6 +160,10 @@ def test_demo_plays_every_step_and_leaves_nothing_behind(private_tmp: Path) -> N
     failover = float(_found(r"OK: chat -> llama3-8b ([\d.]+) s after qwen2\.5-7b's server died",
                             out))
     assert failover <= 3.0
+    # an OpenAI client kept asking the front door for "chat" throughout: not one failure
+    door = re.search(r"the client sent (\d+) requests: (\d+) by qwen2\.5-7b, (\d+) by "
+                     r"llama3-8b, and not one failed", out)
+    assert door and int(door.group(2)) >= 5 and int(door.group(3)) >= 10, out
     _found(r"OK: qwen2\.5-7b is healthy and primary again ([\d.]+) s", out)
     # the suggestion, with its numbers, then the promotion, then the rollback (modelctl tables)
     assert re.search(r"^    chat  qwen2\.5-7b  qwen2\.5-14b  [\d.]+ +[\d.]+ +qwen2\.5-14b scores "
