@@ -77,8 +77,11 @@ def make_upstream_client(*, transport: httpx.AsyncBaseTransport | None = None
     return httpx.AsyncClient(
         follow_redirects=False,
         trust_env=False,
+        # idle connections are dropped before the servers drop them: uvicorn (vLLM, SGLang)
+        # and llama.cpp's cpp-httplib close idle keep-alive connections after 5 s, and a
+        # request sent on one they are closing fails for no fault of the model
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256,
-                            keepalive_expiry=30.0),
+                            keepalive_expiry=4.0),
         timeout=httpx.Timeout(60.0),
         headers={"User-Agent": f"modeld/{__version__} (front door, pid {os.getpid()})"},
         transport=transport,
@@ -120,7 +123,7 @@ class Gateway:
                                     f"{request.method} {request.path}: use POST")
                 await self._limited(request, reply)
             elif request.path == "/v1/models" or request.path.startswith("/v1/models/"):
-                if request.method not in ("GET", "HEAD"):
+                if request.method != "GET":
                     raise DoorError(405, "method_not_allowed",
                                     f"{request.method} {request.path}: use GET")
                 await self._models(request, reply)
