@@ -84,9 +84,11 @@ class _ChatMixin:
     #: seconds between two streamed chunks
     chunk_interval: float
 
-    def _chat_init(self, tokens: int, chunk_interval: float) -> None:
+    def _chat_init(self, tokens: int, chunk_interval: float, coalesce: bool = True) -> None:
         self.tokens = tokens
         self.chunk_interval = chunk_interval
+        #: without a chunk interval, send a stream in one write (False: one write per event)
+        self.coalesce = coalesce
         self._chat_fault = "none"
         self._chat_lock = threading.Lock()
         self.streams_closed_by_client = 0
@@ -287,7 +289,7 @@ class _ChatMixin:
 
             group.start_soon(watch)
             try:
-                if not self.chunk_interval and cut is None:
+                if not self.chunk_interval and self.coalesce and cut is None:
                     # no pause between tokens: one write, as a fast server's kernel coalesces
                     # them (and a kill cannot land between two of them)
                     data = b"".join(conn.send(h11.Data(data=e)) or b"" for e in events)
@@ -323,9 +325,9 @@ class ChatOpenAI(_ChatMixin, FakeOpenAI):
     or not, in the flavor's shapes (``vllm``, ``llamacpp``, ``openai``)."""
 
     def __init__(self, models: Any = ("gpt-4o-mini",), *, tokens: int = 3,
-                 chunk_interval: float = 0.0, **kwargs: Any) -> None:
+                 chunk_interval: float = 0.0, coalesce: bool = True, **kwargs: Any) -> None:
         super().__init__(models, **kwargs)
-        self._chat_init(tokens, chunk_interval)
+        self._chat_init(tokens, chunk_interval, coalesce)
 
     def route(self, method: str, path: str, headers: Mapping[str, str],
               body: bytes) -> FakeResponse:
