@@ -6,6 +6,7 @@ every failed attempt an observation for the model's health.
 - :mod:`.door`: :class:`Gateway`, the requests — authorization, limits, the attempts, the relay.
 - :mod:`.server`: :class:`DoorServer`, HTTP/1.1 on h11 with streamed answers and hang-up
   detection.
+- :mod:`.upstream`: :class:`UpstreamPool`, the client for upstreams (h11, keep-alive pool).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from .door import Gateway, error_headers, make_upstream_client
 from .routing import DoorError, choose, model_listing, routable, upstream_url
 from .server import DoorRequest, DoorServer, Reply
+from .upstream import TransportError, UpstreamPool
 
 __all__ = [
     "DoorError",
@@ -20,6 +22,8 @@ __all__ = [
     "DoorServer",
     "Gateway",
     "Reply",
+    "TransportError",
+    "UpstreamPool",
     "choose",
     "error_headers",
     "make_upstream_client",

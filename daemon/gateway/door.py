@@ -26,14 +26,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import httpx
 
 from .. import __version__
 from ..core.model import ModelSpec, ProbeResult
 from ..core.registry import ModelRegistry
 from ..core.settings import GatewayConfig
 from ..probing.context import upstream_auth
-from ..probing.replies import UpstreamError, describe_transport_error, one_line
+from ..probing.replies import UpstreamError, one_line
 from .routing import (
     PROXIED,
     Chain,
@@ -45,6 +44,7 @@ from .routing import (
     upstream_url,
 )
 from .server import DoorRequest, Reply
+from .upstream import TransportError, UpstreamPool, UpstreamResponse
 
 #: Upstream statuses that move the request to the next model (before the first byte).
 FAILOVER_STATUSES = frozenset({502, 503, 504, 429, 401, 403})
@@ -55,11 +55,11 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "trailers", "transfer-encoding", "upgrade", "proxy-connection",
 })
-_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "authorization", "cookie"}
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "authorization", "cookie",
+                               "user-agent"}
 _ERROR_PEEK_BYTES = 2048
 
 Observe = Callable[[str, ProbeResult], None]
-
 
 @dataclass(slots=True)
 class _Failure:
@@ -68,24 +68,11 @@ class _Failure:
     result: ProbeResult
 
 
-def make_upstream_client(*, transport: httpx.AsyncBaseTransport | None = None
-                         ) -> httpx.AsyncClient:
-    """The door's own HTTP client for upstreams (apart from the probes': their timeouts and
-    pool are sized for small requests). httpx: already the daemon's client, async,
-    streaming, pooled with keep-alive; the benchmark in tests/bench/bench_gateway.py measures
-    what it costs per request. Timeouts are set per request from the config."""
-    return httpx.AsyncClient(
-        follow_redirects=False,
-        trust_env=False,
-        # idle connections are dropped before the servers drop them: uvicorn (vLLM, SGLang)
-        # and llama.cpp's cpp-httplib close idle keep-alive connections after 5 s, and a
-        # request sent on one they are closing fails for no fault of the model
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256,
-                            keepalive_expiry=4.0),
-        timeout=httpx.Timeout(60.0),
-        headers={"User-Agent": f"modeld/{__version__} (front door, pid {os.getpid()})"},
-        transport=transport,
-    )
+def make_upstream_client() -> UpstreamPool:
+    """The door's client for upstreams (:mod:`.upstream`: h11 with a keep-alive pool; why not
+    httpx is said there, and measured in tests/bench/bench_gateway.py)."""
+    return UpstreamPool(user_agent=f"modeld/{__version__} (front door, pid {os.getpid()})"
+                        .encode())
 
 
 class Gateway:
@@ -98,7 +85,7 @@ class Gateway:
 
     def __init__(self, *, config: Callable[[], GatewayConfig],
                  registry: Callable[[], ModelRegistry], observe: Observe,
-                 client: httpx.AsyncClient, log: Any, metrics: Any = None,
+                 client: UpstreamPool, log: Any, metrics: Any = None,
                  environ: Mapping[str, str] | None = None,
                  created: int | None = None) -> None:
         self.config = config
@@ -249,7 +236,8 @@ class Gateway:
                         reasons=failures)
 
     async def _attempt(self, spec: ModelSpec, request: DoorRequest, payload: dict[str, Any],
-                       headers: dict[str, str], reply: Reply, attempt: int, chain: Chain,
+                       headers: list[tuple[bytes, bytes]], reply: Reply, attempt: int,
+                       chain: Chain,
                        config: GatewayConfig) -> _Failure | None:
         """One try: None when the answer was the client's (relayed), else why it failed."""
         try:
@@ -258,62 +246,56 @@ class Gateway:
             return _Failure(exc.reason, "key", ProbeResult.failure(exc.reason))
         body = json.dumps({**payload, "model": spec.upstream_name}, separators=(",", ":"),
                           ensure_ascii=False).encode()
-        url = PROXIED[request.path]
-        upstream = self.client.build_request(
-            "POST", upstream_url(spec, url), content=body, headers={**headers, **auth},
-            timeout=httpx.Timeout(config.stream_idle_timeout,
-                                  connect=min(10.0, config.first_byte_timeout),
-                                  pool=config.first_byte_timeout))
+        headers_out: list[tuple[bytes, bytes]] = [
+            *headers, *((k.encode(), v.encode()) for k, v in auth.items())]
+        url = upstream_url(spec, PROXIED[request.path])
         started = time.perf_counter()
         first_byte_deadline = anyio.current_time() + config.first_byte_timeout
         timeout_reason = (f"nothing within {config.first_byte_timeout:g}s "
                           "(gateway.first_byte_timeout)")
         try:
-            with anyio.fail_after(config.first_byte_timeout):
-                response = await self.client.send(upstream, stream=True)
+            with anyio.fail_at(first_byte_deadline):
+                response = await self.client.request("POST", url, headers_out, body)
         except TimeoutError:
             return _Failure(timeout_reason, "timeout", ProbeResult.failure(timeout_reason))
-        except httpx.TimeoutException:
-            return _Failure(timeout_reason, "timeout", ProbeResult.failure(timeout_reason))
-        except httpx.HTTPError as exc:
-            reason = describe_transport_error(exc)
-            return _Failure(reason, _kind(reason), ProbeResult.failure(reason))
+        except TransportError as exc:
+            return _Failure(exc.reason, _kind(exc.reason), ProbeResult.failure(exc.reason))
         try:
-            status = response.status_code
-            chunks = response.aiter_raw()
+            status = response.status
             if status in FAILOVER_STATUSES:
-                return await self._refused(response, chunks, first_byte_deadline)
+                return await self._refused(response, first_byte_deadline)
             try:
                 with anyio.fail_at(first_byte_deadline):
-                    first = await anext(chunks, b"")
+                    first = await response.next_chunk()
             except TimeoutError:
                 reason = f"headers, then {timeout_reason}"
                 return _Failure(reason, "timeout", ProbeResult.failure(reason))
-            except httpx.HTTPError as exc:
-                reason = f"before the first byte: {describe_transport_error(exc)}"
+            except TransportError as exc:
+                reason = f"before the first byte: {exc.reason}"
                 return _Failure(reason, "reset", ProbeResult.failure(reason))
             # the answer is the client's from here on: no retry
-            await reply.start(status, _answer_headers(response, spec.id, attempt))
+            await reply.start(status, _answer_headers(response.headers, spec.id, attempt))
             role = chain.role or spec.role
             if self.metrics is not None:
                 self.metrics.gateway_first_byte_seconds.labels(
                     role, spec.id).observe(time.perf_counter() - started)
                 self.metrics.gateway_attempts.labels(spec.id, "ok").inc()
-            await reply.write(first)
+            chunk = first
             try:
-                async for chunk in chunks:
+                while chunk is not None:
                     await reply.write(chunk)
-            except httpx.HTTPError as exc:
+                    chunk = await response.next_chunk(config.stream_idle_timeout)
+            except (TransportError, TimeoutError) as exc:
+                paused = isinstance(exc, TimeoutError)
                 reason = ("paused longer than gateway.stream_idle_timeout "
-                          f"({config.stream_idle_timeout:g}s)"
-                          if isinstance(exc, httpx.TimeoutException)
-                          else describe_transport_error(exc))
+                          f"({config.stream_idle_timeout:g}s)" if paused
+                          else exc.reason)  # type: ignore[union-attr]
                 self.log.warning("gateway_stream_cut", model_id=spec.id, route=request.path,
                                  reason=f"after the first byte: {reason}")
                 reply.abort()
                 reply.served_by = spec.id
                 self._count(request.path, role, spec.id, "cut")
-                if not isinstance(exc, httpx.TimeoutException):
+                if not paused:
                     self.observe(spec.id, ProbeResult.failure(
                         f"front door: after the first byte: {reason}"))
                 return None
@@ -323,21 +305,17 @@ class Gateway:
             await reply.finish()
             return None
         finally:
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
+            await response.aclose()
 
-    async def _refused(self, response: httpx.Response, chunks: Any,
-                       deadline: float) -> _Failure:
+    async def _refused(self, response: UpstreamResponse, deadline: float) -> _Failure:
         """The failure for a 5xx/429/401/403 answer, its message peeked at for the reason."""
-        status = response.status_code
+        status = response.status
         peek = b""
         with anyio.move_on_at(min(deadline, anyio.current_time() + 1.0)):
             try:
-                async for chunk in chunks:
+                while len(peek) < _ERROR_PEEK_BYTES and (chunk := await response.next_chunk()):
                     peek += chunk
-                    if len(peek) >= _ERROR_PEEK_BYTES:
-                        break
-            except httpx.HTTPError:
+            except TransportError:
                 pass
         detail = _error_message(peek[:_ERROR_PEEK_BYTES])
         reason = f"HTTP {status}" + (f": {detail}" if detail else "")
@@ -374,28 +352,22 @@ def _parse_body(body: bytes) -> dict[str, Any]:
     return payload
 
 
-def _forwarded_headers(request: DoorRequest) -> dict[str, str]:
+def _forwarded_headers(request: DoorRequest) -> list[tuple[bytes, bytes]]:
     """The client's headers that go upstream: not hop-by-hop, not its credentials, not
-    modeld's own. Without an Accept-Encoding of the client's, ask for identity, so that
-    httpx's default (gzip) cannot make the upstream compress what the client did not ask for."""
+    modeld's own (the User-Agent is the door's: the upstream's operator sees who asks)."""
     named = {token.strip().lower() for value in
              (v for k, v in request.headers if k == "connection") for token in value.split(",")}
-    out: dict[str, str] = {}
-    for name, value in request.headers:
-        if name in _NOT_FORWARDED or name in named or name.startswith("x-modeld-"):
-            continue
-        out[name] = f"{out[name]}, {value}" if name in out else value
-    out.setdefault("accept-encoding", "identity")
-    return out
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in request.headers
+            if name not in _NOT_FORWARDED and name not in named
+            and not name.startswith("x-modeld-")]
 
 
-def _answer_headers(response: httpx.Response, model_id: str,
+def _answer_headers(raw: list[tuple[bytes, bytes]], model_id: str,
                     attempts: int) -> list[tuple[bytes, bytes]]:
-    raw = response.headers.raw
-    named = {token.strip().lower() for name, value in raw if name.lower() == b"connection"
+    named = {token.strip().lower() for name, value in raw if name == b"connection"
              for token in value.decode("latin-1").split(",")}
     headers = [(name, value) for name, value in raw
-               if (low := name.decode("latin-1").lower()) not in HOP_BY_HOP
+               if (low := name.decode("latin-1")) not in HOP_BY_HOP
                and low not in named and not low.startswith("x-modeld-")]
     headers.append((b"x-modeld-model", model_id.encode()))
     headers.append((b"x-modeld-attempts", str(attempts).encode()))

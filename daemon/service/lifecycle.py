@@ -34,7 +34,7 @@ from ..core.clock import Instant
 from ..core.model import Event, ProbeResult
 from ..core.registry import ModelRegistry
 from ..core.settings import Config
-from ..gateway import DoorServer, Gateway, make_upstream_client, refusal
+from ..gateway import DoorServer, Gateway, UpstreamPool, make_upstream_client, refusal
 from ..persist.codec import StateShapeError, check_state_shape, from_state
 from ..persist.store import StateError, StateLocked, StateStore
 from ..probing.context import make_http_client
@@ -115,7 +115,7 @@ class Daemon:
         # the front door (daemon/gateway/), built in _open_gateway when [gateway] listen is set
         self.gateway: Gateway | None = None
         self.door_server: DoorServer | None = None
-        self.gateway_client: httpx.AsyncClient | None = None
+        self.gateway_client: UpstreamPool | None = None
         self.client: httpx.AsyncClient | None = None
         self.socket_path = config.daemon.socket
 
@@ -329,10 +329,10 @@ class Daemon:
         except OSError as exc:
             raise StartupError(f"gateway.listen {config.listen}: {exc.strerror or exc}",
                                EX_CANTCREAT) from None
-        self.gateway_client = make_upstream_client()
+        client = self.gateway_client = make_upstream_client()
         log = self.log.bind(component="gateway")
         self.gateway = Gateway(config=lambda: self.config.gateway, registry=lambda: self.registry,
-                               observe=self.scheduler.observe, client=self.gateway_client,
+                               observe=self.scheduler.observe, client=client,
                                log=log, metrics=self.metrics, environ=self.environ)
         self.door_server = DoorServer(self.gateway.handle,
                                       lambda: self.config.gateway.max_request_bytes, refusal, log)
