@@ -274,17 +274,17 @@ class Gateway:
                 reason = f"before the first byte: {exc.reason}"
                 return _Failure(reason, "reset", ProbeResult.failure(reason))
             # the answer is the client's from here on: no retry
-            await reply.start(status, _answer_headers(response.headers, spec.id, attempt))
+            await reply.start(status, _answer_headers(response.headers, spec.id, attempt),
+                              first or b"")
             role = chain.role or spec.role
             if self.metrics is not None:
                 self.metrics.gateway_first_byte_seconds.labels(
                     role, spec.id).observe(time.perf_counter() - started)
                 self.metrics.gateway_attempts.labels(spec.id, "ok").inc()
-            chunk = first
             try:
-                while chunk is not None:
+                while (chunk := await response.next_chunk(config.stream_idle_timeout)
+                       ) is not None:
                     await reply.write(chunk)
-                    chunk = await response.next_chunk(config.stream_idle_timeout)
             except (TransportError, TimeoutError) as exc:
                 paused = isinstance(exc, TimeoutError)
                 reason = ("paused longer than gateway.stream_idle_timeout "

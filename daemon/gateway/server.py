@@ -64,12 +64,18 @@ class Reply:
     status: int = 0
     served_by: str = ""  # the model whose answer this is (set by the door)
 
-    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        """Send the status line and headers (no Content-Length: chunked for HTTP/1.1)."""
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]],
+                    first: bytes = b"") -> None:
+        """Send the status line and headers, and the body's first chunk with them (one write:
+        on loopback each write costs a wake-up of the reader). Without a Content-Length
+        the body is chunked (HTTP/1.1)."""
         self.started = True
         self.status = status
-        await self._conn.send(h11.Response(status_code=status, headers=headers,
-                                           reason=_reason(status)))
+        head = h11.Response(status_code=status, headers=headers, reason=_reason(status))
+        if first:
+            await self._conn.send(head, h11.Data(data=first))
+        else:
+            await self._conn.send(head)
 
     async def write(self, data: bytes) -> None:
         """Send one body chunk; returns once the kernel has taken it."""
