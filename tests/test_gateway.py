@@ -351,3 +351,21 @@ async def test_bad_requests_name_what_is_wrong():
     assert wrong_path.status_code == 404 and wrong_path.json()["error"]["code"] == "unknown_url"
     assert wrong_method.status_code == 405
     assert vllm.count("POST", "/v1/chat/completions") == 0
+
+
+async def test_a_stream_that_pauses_past_the_idle_timeout_is_cut_without_blaming_the_model():
+    config = GatewayConfig(listen="x:1", stream_idle_timeout=0.2)
+    async with ChatOpenAI([QWEN], flavor="vllm", tokens=3, chunk_interval=1.0) as vllm, \
+            running_door([spec("qwen", vllm.url, model=QWEN, primary=True)],
+                         gateway=config) as door:
+        stream = await door.client().chat.completions.create(model="chat", messages=HELLO,
+                                                             stream=True)
+        started = time.monotonic()
+        with pytest.raises((openai.APIError, httpx.HTTPError)):
+            async for _chunk in stream:
+                pass
+        assert time.monotonic() - started < 0.8
+        await door.settled()
+        assert door.observed == []  # a long pause is not a dead server
+        assert door.sample("modeld_gateway_requests_total", route="/v1/chat/completions",
+                           role="chat", model_id="qwen", outcome="cut") == 1

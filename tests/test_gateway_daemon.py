@@ -162,5 +162,17 @@ def test_a_door_that_needs_a_client_key_refuses_to_start_without_it(workdir: Pat
                 openai.OpenAI(base_url=base, api_key="guess", max_retries=0).models.list()
             listing = openai.OpenAI(base_url=base, api_key="door-key", max_retries=0).models.list()
             assert {m.id for m in listing.data} == {"chat", "qwen", "llama"}
+            # reload: what can apply does, the address needs a restart and says so
+            changed = dict(daemon.config)
+            changed["gateway"] = {**keyed["gateway"], "listen": f"127.0.0.1:{free_port()}",
+                                  "clients_key_env": "", "max_attempts": 1}
+            daemon.write_config(changed)
+            answer = daemon.post("/api/v1/reload")
+            assert answer["restart_required"] == ["gateway.listen"]
+            # the door keeps its address and, being open to the network, its key
+            with pytest.raises(openai.AuthenticationError):
+                openai.OpenAI(base_url=base, api_key="guess", max_retries=0).models.list()
+            shown = daemon.request("GET", "/api/v1/status")[1]
+            assert shown["pid"] == daemon.pid
         finally:
             daemon.close()
