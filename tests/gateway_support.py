@@ -25,6 +25,7 @@ class Door:
     url: str
     registry: ModelRegistry
     gateway: Gateway
+    server: DoorServer
     metrics: Metrics
     observed: list[tuple[str, ProbeResult]] = field(default_factory=list)
     environ: dict[str, str] = field(default_factory=dict)
@@ -87,7 +88,8 @@ async def running_door(models: Sequence[ModelSpec], *, gateway: GatewayConfig | 
         port = listener.extra(anyio.abc.SocketAttribute.local_port)
         async with anyio.create_task_group() as tg:
             await tg.start(server.serve, listener)
-            door = Door(f"http://127.0.0.1:{port}", registry, gw, metrics, observed, env)
+            door = Door(f"http://127.0.0.1:{port}", registry, gw, server, metrics, observed,
+                        env)
             try:
                 yield door
             finally:

@@ -369,3 +369,16 @@ async def test_a_stream_that_pauses_past_the_idle_timeout_is_cut_without_blaming
         assert door.observed == []  # a long pause is not a dead server
         assert door.sample("modeld_gateway_requests_total", route="/v1/chat/completions",
                            role="chat", model_id="qwen", outcome="cut") == 1
+
+
+async def test_connections_beyond_the_cap_are_turned_away_with_503():
+    async with ChatOpenAI([QWEN], flavor="vllm") as vllm, \
+            running_door([spec("qwen", vllm.url, model=QWEN, primary=True)]) as door:
+        door.server.max_connections = lambda: 1
+        async with httpx.AsyncClient() as first, httpx.AsyncClient() as second:
+            kept = await first.get(f"{door.url}/v1/models")  # keep-alive: holds the one slot
+            refused = await second.get(f"{door.url}/v1/models")
+    assert kept.status_code == 200
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "too_many_connections"
+    assert refused.headers["retry-after"] == "1"

@@ -135,6 +135,8 @@ class DoorServer:
     max_body: Callable[[], int]
     refusal: Refusal
     log: Any
+    #: connections served at once (idle keep-alive ones included); more are answered 503
+    max_connections: Callable[[], int] = lambda: 4096
     _connections: set[_Connection] = field(default_factory=set)
     _group: anyio.abc.TaskGroup | None = None
     _accepting: anyio.CancelScope | None = None
@@ -181,6 +183,9 @@ class DoorServer:
             with suppress(OSError):
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         unix = raw if raw is not None and raw.family == socket.AF_UNIX else None
+        if len(self._connections) >= self.max_connections() or self._closing:
+            await self._turn_away(stream, unix)
+            return
         conn = _Connection(stream, h11.Connection(h11.SERVER,
                                                   max_incomplete_event_size=MAX_HEADER_BYTES),
                            unix)
@@ -197,6 +202,22 @@ class DoorServer:
                 await stream.aclose()
             if self._closing and not self._connections:
                 self._drained.set()
+
+    async def _turn_away(self, stream: anyio.abc.ByteStream, raw: socket.socket | None) -> None:
+        """503 without reading the request, then close: too many connections, or closing."""
+        limit = self.max_connections()
+        message = ("the daemon is shutting down" if self._closing else
+                   f"too many connections to the front door (limit {limit}); retry later")
+        self.log.warning("gateway_connection_refused", reason=message)
+        headers, body = self.refusal(503, "too_many_connections", message)
+        head = b"HTTP/1.1 503 Service Unavailable\r\n" + b"".join(
+            name + b": " + value + b"\r\n" for name, value in headers) + (
+            f"content-length: {len(body)}\r\nconnection: close\r\nretry-after: 1\r\n\r\n"
+            .encode())
+        with suppress(Exception), anyio.move_on_after(1.0):
+            await _send_all(stream, head + body, raw)
+        with anyio.CancelScope(shield=True), suppress(Exception):
+            await stream.aclose()
 
     async def _serve_connection(self, conn: _Connection) -> None:
         first = True

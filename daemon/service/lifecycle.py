@@ -334,8 +334,9 @@ class Daemon:
         self.gateway = Gateway(config=lambda: self.config.gateway, registry=lambda: self.registry,
                                observe=self.scheduler.observe, client=client,
                                log=log, metrics=self.metrics, environ=self.environ)
-        self.door_server = DoorServer(self.gateway.handle,
-                                      lambda: self.config.gateway.max_request_bytes, refusal, log)
+        self.door_server = DoorServer(
+            self.gateway.handle, lambda: self.config.gateway.max_request_bytes, refusal, log,
+            max_connections=lambda: max(1024, 4 * self.config.gateway.max_concurrent))
         return listener
 
     async def run(self) -> int:
