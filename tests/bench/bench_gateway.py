@@ -15,7 +15,7 @@ daemon's CPU per chunk); the daemon's RSS with 200 streams in flight against non
 Targets (issue 14): added p50 ≤ 1 ms, ≥ 0.5 × direct req/s at 16 clients, streaming ≥ 0.9 ×
 direct, ≤ 50 KB per in-flight stream.
 
-    python tests/bench/bench_gateway.py [--seconds 3] [--rounds 2]
+    python tests/bench/bench_gateway.py [--seconds 3] [--rounds 2] [--quick]
 """
 
 from __future__ import annotations
@@ -187,7 +187,10 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 s, one round")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds, args.rounds = 1.0, 1
     work = workdir("gateway")
     rows, results = [], {}
     upstream, up_port = start_upstream(tokens=3)

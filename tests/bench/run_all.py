@@ -21,6 +21,7 @@ BENCHMARKS = {
     "control_socket": "bench_control_socket.py",
     "footprint": "bench_footprint.py",
     "cli": "bench_cli.py",
+    "gateway": "bench_gateway.py",
 }
 
 
