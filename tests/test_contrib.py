@@ -58,6 +58,11 @@ def populated_metrics() -> Metrics:
     metrics.health_changes.labels("unavailable").inc()
     metrics.state_write_seconds.observe(0.004)
     metrics.state_write_failures.inc()
+    metrics.gateway_requests.labels("/v1/chat/completions", "chat", "llama3-8b", "ok").inc()
+    metrics.gateway_first_byte_seconds.labels("chat", "llama3-8b").observe(0.12)
+    metrics.gateway_attempts.labels("qwen2.5-7b", "failed").inc()
+    metrics.gateway_failovers.labels("chat", "qwen2.5-7b", "refused").inc()
+    metrics.gateway_in_flight.inc()
     return metrics
 
 

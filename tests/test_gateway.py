@@ -10,12 +10,12 @@ import anyio
 import httpx
 import openai
 import pytest
+from gateway_support import healthy, running_door, spec
 from structlog.testing import capture_logs
 
 from daemon.core.model import ProbeStatus
 from daemon.core.settings import GatewayConfig
 from daemon.testing.chat_fakes import ChatOllama, ChatOpenAI
-from tests.gateway_support import healthy, running_door, spec
 
 pytestmark = pytest.mark.anyio
 
