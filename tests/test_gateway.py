@@ -382,3 +382,29 @@ async def test_connections_beyond_the_cap_are_turned_away_with_503():
     assert refused.status_code == 503
     assert refused.json()["error"]["code"] == "too_many_connections"
     assert refused.headers["retry-after"] == "1"
+
+
+@pytest.mark.parametrize(("fake", "model", "content_type", "first_delta"), [
+    (lambda: ChatOpenAI([QWEN], flavor="vllm"), QWEN, "text/event-stream; charset=utf-8",
+     {"role": "assistant", "content": "Hi"}),
+    (lambda: ChatOpenAI(["q.gguf"], flavor="llamacpp"), "any", "text/event-stream",
+     {"role": "assistant", "content": None}),
+    (lambda: ChatOllama(["llama3:8b"]), "llama3:8b", "text/event-stream",
+     {"role": "assistant", "content": "Hi"}),
+], ids=["vllm", "llamacpp", "ollama"])
+async def test_the_fakes_stream_as_the_real_servers_do(fake, model, content_type, first_delta):
+    async with fake() as server, httpx.AsyncClient() as client:
+        streamed = await client.post(f"{server.url}/v1/chat/completions",
+                                     json={"model": model, "messages": HELLO, "stream": True})
+        failed = await client.post(f"{server.url}/v1/chat/completions", json={"model": model})
+    assert streamed.headers["content-type"] == content_type
+    assert streamed.headers["transfer-encoding"] == "chunked"
+    events = streamed.content.split(b"\n\n")
+    assert events[-2:] == [b"data: [DONE]", b""]
+    docs = [json.loads(e[len(b"data: "):]) for e in events[:-2]]
+    assert all(e.startswith(b"data: {") and b'": ' not in e for e in events[:-2])  # compact
+    assert docs[0]["object"] == "chat.completion.chunk"
+    assert docs[0]["choices"][0]["delta"] == first_delta
+    # errors come whole, with a Content-Length
+    assert failed.status_code == 400
+    assert failed.headers["content-length"] == str(len(failed.content))
