@@ -635,6 +635,12 @@ def runtime_warnings(config: Config, environ: Mapping[str, str]) -> list[str]:
             found.append(f'{source}: daemon.admin_group: group "{group}" does not exist on this '
                          "host, so only root and the daemon's own uid may change things "
                          f"(create it: groupadd --system {group})")
+    key_env = config.gateway.clients_key_env
+    if config.gateway.listen and key_env and not environ.get(key_env, "").strip():
+        found.append(f"{source}: gateway.clients_key_env: ${key_env} is not set (or empty) in "
+                     "this environment, so the daemon will refuse to start (exit 78) rather "
+                     "than serve a front door nobody can use; set it with Environment= or "
+                     "EnvironmentFile= in a drop-in")
     if not config.models:
         found.append(f"{source}: models: no [[models]] declared: the daemon starts, but "
                      "resolve has nothing to answer with")

@@ -57,3 +57,15 @@ def test_bad_values_name_the_key_and_what_is_wrong(table, key, says):
         parse_config({"gateway": table}, "t.toml")
     assert any(line.startswith(f"t.toml: {key}: ") and says in line
                for line in caught.value.errors), caught.value.errors
+
+
+def test_check_config_warns_when_the_client_key_is_not_in_the_environment():
+    from daemon.config import runtime_warnings
+
+    config = parse_config({"gateway": {"listen": "0.0.0.0:8088", "clients_key_env": "K"}},
+                          "t.toml")
+    warnings = [w for w in runtime_warnings(config, {}) if "gateway" in w]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("t.toml: gateway.clients_key_env: $K is not set")
+    assert "exit 78" in warnings[0]
+    assert not [w for w in runtime_warnings(config, {"K": "s3cret"}) if "gateway" in w]
