@@ -61,6 +61,7 @@ _ERROR_PEEK_BYTES = 2048
 
 Observe = Callable[[str, ProbeResult], None]
 
+
 @dataclass(slots=True)
 class _Failure:
     reason: str  # one line, for the log, the metrics and the 503's reasons
