@@ -164,7 +164,13 @@ class UpstreamPool:
                 data = (conn.h11.send(head) or b"") + (conn.h11.send(h11.Data(data=body))
                                                        if body else b"") + (
                     conn.h11.send(h11.EndOfMessage()) or b"")
-                await conn.stream.send(data)
+                try:
+                    await conn.stream.send(data)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    if conn.reused:
+                        raise _StaleConnection from None
+                    raise TransportError("connection broken while sending the request"
+                                         ) from None
                 return await self._read_head(conn)
             except _StaleConnection:
                 await conn.aclose()
