@@ -173,6 +173,7 @@ def test_a_door_that_needs_a_client_key_refuses_to_start_without_it(workdir: Pat
             with pytest.raises(openai.AuthenticationError):
                 openai.OpenAI(base_url=base, api_key="guess", max_retries=0).models.list()
             shown = daemon.request("GET", "/api/v1/status")[1]
-            assert shown["pid"] == daemon.pid
+            assert shown["gateway"]["listen"] == f"0.0.0.0:{port}"  # until a restart
+            assert shown["gateway"]["in_flight"] == 0
         finally:
             daemon.close()

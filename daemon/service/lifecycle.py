@@ -181,6 +181,11 @@ class Daemon:
                                  "error": last_write.error, "bytes": last_write.bytes,
                                  "seconds": round(last_write.seconds, 6)},
             "event_seq": registry.event_seq,
+            "gateway": ({"listen": self.config.gateway.listen,
+                         "in_flight": self.gateway.in_flight,
+                         "connections": self.door_server.connections}
+                        if self.gateway is not None and self.door_server is not None
+                        else None),
             "summary": self.status_line(),
         }
 
