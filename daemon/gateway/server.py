@@ -112,6 +112,21 @@ class _Connection:
     raw: socket.socket | None
     closing: bool = False
     idle_scope: anyio.CancelScope | None = None
+    # one reader task per connection feeds h11 (a task per request cost more than the rest
+    # of the door's work on a request); it wakes whoever waits for data, and cancels the
+    # request being served when the client hangs up
+    arrived: anyio.Event = field(default_factory=anyio.Event)
+    consumed: anyio.Event = field(default_factory=anyio.Event)
+    eof: bool = False
+    handler_scope: anyio.CancelScope | None = None
+
+    async def more(self) -> None:
+        """Wait until the reader has fed h11 more bytes (or the end of the stream)."""
+        if self.eof:
+            return
+        self.arrived = anyio.Event()
+        self.consumed.set()
+        await self.arrived.wait()
 
     async def send(self, *events: Any) -> None:
         data = b"".join([chunk for e in events if (chunk := self.h11.send(e)) is not None])
@@ -191,7 +206,12 @@ class DoorServer:
                            unix)
         self._connections.add(conn)
         try:
-            await self._serve_connection(conn)
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._reader, conn)
+                try:
+                    await self._serve_connection(conn)
+                finally:
+                    group.cancel_scope.cancel()
         except ClientGone:
             pass
         except Exception:
@@ -234,29 +254,36 @@ class DoorServer:
                 return
             conn.h11.start_next_cycle()
 
+    async def _reader(self, conn: _Connection) -> None:
+        """Read the client's bytes into h11 for the connection's whole life, a bounded amount
+        ahead of what the requests have used; at the end of the stream, cancel the request
+        being served (the client hung up)."""
+        while True:
+            while len(conn.h11.trailing_data[0]) > MAX_HEADER_BYTES + self.max_body():
+                conn.consumed = anyio.Event()
+                await conn.consumed.wait()
+            data = await _receive(conn.stream, conn.raw)
+            if not data:
+                conn.eof = True
+                with suppress(RuntimeError):
+                    conn.h11.receive_data(b"")
+                if conn.handler_scope is not None:
+                    conn.handler_scope.cancel()
+                conn.arrived.set()
+                return
+            conn.h11.receive_data(data)
+            conn.arrived.set()
+
     async def _run_handler(self, conn: _Connection, request: DoorRequest, reply: Reply) -> None:
-        """Run the handler while watching the client: a hang-up cancels it at once."""
-        hung_up = False
-        async with anyio.create_task_group() as group:
-
-            async def watch() -> None:
-                nonlocal hung_up
-                while True:
-                    data = await _receive(conn.stream, conn.raw)
-                    if not data:
-                        hung_up = True
-                        group.cancel_scope.cancel()
-                        return
-                    # pipelined bytes of the next request: keep them for h11 (bounded)
-                    conn.h11.receive_data(data)
-                    if len(conn.h11.trailing_data[0]) > MAX_HEADER_BYTES + self.max_body():
-                        return
-
-            group.start_soon(watch)
+        """Run the handler; a hang-up (seen by the reader) cancels it at once."""
+        with anyio.CancelScope() as scope:
+            conn.handler_scope = scope
+            if conn.eof:
+                scope.cancel()
             try:
                 await self.handler(request, reply)
             except ClientGone:
-                hung_up = True
+                reply.abort()
             except Exception:
                 self.log.exception("gateway_handler_failed", method=request.method,
                                    path=request.path)
@@ -268,8 +295,8 @@ class DoorServer:
                         await reply.complete(500, headers, body)
                 else:
                     reply.abort()
-            group.cancel_scope.cancel()
-        if hung_up:
+        conn.handler_scope = None
+        if scope.cancelled_caught:
             reply.abort()
 
     async def _read_request(self, conn: _Connection, first: bool) -> DoorRequest | None:
@@ -287,15 +314,14 @@ class DoorServer:
                     if deadline is None:
                         with anyio.CancelScope(deadline=anyio.current_time() + idle) as scope:
                             conn.idle_scope = scope
-                            data = await _receive(conn.stream, conn.raw)
+                            await conn.more()
                         conn.idle_scope = None
-                        if scope.cancelled_caught or not data:
+                        if scope.cancelled_caught:
                             return None
                         deadline = anyio.current_time() + READ_TIMEOUT
-                        conn.h11.receive_data(data)
                         continue
                     with anyio.move_on_at(deadline):
-                        conn.h11.receive_data(await _receive(conn.stream, conn.raw))
+                        await conn.more()
                         continue
                     await self._refuse(conn, 408, "request_timeout",
                                        f"the request did not arrive within {READ_TIMEOUT:g} s")
@@ -342,11 +368,13 @@ class DoorServer:
                                      (b"connection", b"close")])
         with suppress(ClientGone, h11.LocalProtocolError):
             await conn.send(head, h11.Data(data=body), h11.EndOfMessage())
-            # let the client read the answer rather than a reset: drain a little of the rest
+            # let the client read the answer rather than a reset: the reader drains the rest
+            # of what it sends for a moment, until it closes
             with suppress(Exception), anyio.move_on_after(0.5):
                 await conn.stream.send_eof()
-                while await _receive(conn.stream, conn.raw):
-                    pass
+                while not conn.eof:
+                    conn.h11 = h11.Connection(h11.SERVER)  # what arrives now is dropped
+                    await conn.more()
 
 
 def _reason(status: int) -> bytes:
