@@ -214,9 +214,17 @@ def main(argv: list[str]) -> int:
                                "watched_cpu_s")} for kind, runs in rounds.items()}
             results[f"requests_{clients}"] = summary
             direct, door = summary["direct"], summary["door"]
+            # CPU per request of the process serving it (door: the daemon; direct: the
+            # upstream fake): robust to a shared machine, where req/s is not
+            span = args.seconds + 0.5
+            door_cpu = door["watched_cpu_s"] / max(1.0, door["rps"] * span) * 1000
+            direct_cpu = direct["watched_cpu_s"] / max(1.0, direct["rps"] * span) * 1000
+            summary["door"]["cpu_ms_per_request"] = door_cpu
+            summary["direct"]["cpu_ms_per_request"] = direct_cpu
             rows.append([f"chat completion, {clients} client(s)", door["rps"], direct["rps"],
                          door["rps"] / direct["rps"], door["p50_ms"], direct["p50_ms"],
-                         door["p50_ms"] - direct["p50_ms"], door["p99_ms"], direct["p99_ms"]])
+                         door["p50_ms"] - direct["p50_ms"], door["p99_ms"], direct["p99_ms"],
+                         door_cpu, direct_cpu])
         # --- 64 streams of 500 chunks
         daemon2 = start_daemon(stream_port, door2_port, work / "b")
         daemons.append(daemon2)
@@ -257,7 +265,8 @@ def main(argv: list[str]) -> int:
         "Front door vs the same requests straight to the upstream (a vLLM fake), same run:",
         "",
         table(["what", "door req/s", "direct req/s", "ratio", "door p50 ms", "direct p50 ms",
-               "added p50 ms", "door p99 ms", "direct p99 ms"], rows),
+               "added p50 ms", "door p99 ms", "direct p99 ms", "daemon CPU ms/req",
+               "upstream CPU ms/req"], rows),
         "",
         table(["64 streams of 500 chunks", "door", "direct", "ratio"],
               [["chunks/s", door_s["chunks_per_s"], direct_s["chunks_per_s"], stream_ratio],
