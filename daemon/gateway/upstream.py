@@ -89,20 +89,30 @@ class UpstreamResponse:
     _conn: _Conn | None
     _pool: UpstreamPool
     _done: bool = False
+    _broken: TransportError | None = None
 
     async def next_chunk(self, idle_timeout: float | None = None) -> bytes | None:
-        """The next piece of the body as it arrives, None at its end; raises TransportError
-        when the upstream breaks off, TimeoutError when it pauses longer than
-        ``idle_timeout``."""
+        """What of the body has arrived, None at its end: every piece already received, at
+        once (one write for the caller when it lags behind; one piece each when it keeps
+        up); waits only when nothing is there. Raises TransportError when the upstream
+        breaks off, TimeoutError when it pauses longer than ``idle_timeout``."""
         conn = self._conn
+        if self._broken is not None:
+            raise self._broken
         if conn is None or self._done:
             return None
+        parts: list[bytes] = []
         while True:
             try:
                 event = conn.h11.next_event()
             except h11.RemoteProtocolError as exc:
-                raise TransportError(f"HTTP protocol error: {exc}") from None
+                self._broken = TransportError(_protocol_reason(exc))
+                if parts:  # relay what came before the break; the break comes next call
+                    return b"".join(parts)
+                raise self._broken from None
             if event is h11.NEED_DATA:
+                if parts:
+                    return b"".join(parts)
                 if idle_timeout is None:
                     data = await _receive(conn.stream)
                 else:
@@ -111,13 +121,17 @@ class UpstreamResponse:
                 conn.h11.receive_data(data)
                 continue
             if isinstance(event, h11.Data):
-                return bytes(event.data)
+                parts.append(bytes(event.data))
+                continue
             if isinstance(event, h11.EndOfMessage):
                 self._done = True
-                return None
+                return b"".join(parts) if parts else None
             if isinstance(event, h11.ConnectionClosed):
-                raise TransportError(
+                self._broken = TransportError(
                     "server closed the connection before the reply was complete")
+                if parts:
+                    return b"".join(parts)
+                raise self._broken
             raise TransportError(  # pragma: no cover - h11 yields nothing else here
                 f"unexpected HTTP event {type(event).__name__}")
 
@@ -186,7 +200,7 @@ class UpstreamPool:
             try:
                 event = conn.h11.next_event()
             except h11.RemoteProtocolError as exc:
-                raise TransportError(f"HTTP protocol error: {exc}") from None
+                raise TransportError(_protocol_reason(exc)) from None
             if event is h11.NEED_DATA:
                 try:
                     data = await _receive(conn.stream)
@@ -278,6 +292,13 @@ async def _receive(stream: anyio.abc.ByteStream) -> bytes:
         if isinstance(cause, OSError) and cause.errno == errno.ECONNRESET:
             raise TransportError("connection reset by peer") from None
         raise TransportError(f"connection broken: {type(cause).__name__}") from None
+
+
+def _protocol_reason(exc: h11.RemoteProtocolError) -> str:
+    text = str(exc)
+    if "peer closed connection" in text or "incomplete" in text:
+        return "server closed the connection before the reply was complete"
+    return f"HTTP protocol error: {text}"
 
 
 def _connect_reason(exc: OSError) -> str:
