@@ -7,7 +7,9 @@ For plugin authors (documented in the README, "Testing a plugin"):
 - :func:`run_probe` runs a probe the way the daemon does (the real ``Prober``: deadline,
   isolation, normalisation) and returns the :class:`~daemon.ProbeResult` the daemon would keep.
 - :mod:`daemon.testing.fakes` serves fakes of real servers (``FakeOpenAI``, ``FakeOllama``)
-  on 127.0.0.1 for integration tests; :mod:`daemon.testing.harness` runs the real daemon.
+  on 127.0.0.1 for integration tests; :mod:`daemon.testing.chat_fakes` adds their generation
+  routes (chat, completions, embeddings; streamed or not) and faults, for the front door;
+  :mod:`daemon.testing.harness` runs the real daemon.
 
 Importing this package imports httpx and anyio, never the daemon's service.
 """
