@@ -408,3 +408,30 @@ async def test_the_fakes_stream_as_the_real_servers_do(fake, model, content_type
     # errors come whole, with a Content-Length
     assert failed.status_code == 400
     assert failed.headers["content-length"] == str(len(failed.content))
+
+
+@pytest.mark.parametrize("answer", [
+    b"this is not HTTP\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nx-filler: " + b"a" * 100_000,  # a head that never ends
+], ids=["not-http", "endless-head"])
+async def test_an_upstream_answering_garbage_fails_over(answer):
+    async def garbage(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            await stream.receive()
+            await stream.send(answer)
+            await anyio.sleep(5)  # and keep the connection open
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with anyio.create_task_group() as tg, ChatOpenAI(["llama3"]) as other:
+        tg.start_soon(listener.serve, garbage)
+        async with running_door([spec("qwen", f"http://127.0.0.1:{port}", model=QWEN,
+                                      primary=True),
+                                 spec("llama", other.url, model="llama3")]) as door:
+            raw = await door.client().chat.completions.with_raw_response.create(
+                model="chat", messages=HELLO)
+            assert raw.headers["x-modeld-model"] == "llama"
+            await door.settled()
+            ((model_id, result),) = door.observed
+            assert model_id == "qwen" and result.reason.startswith("front door: ")
+        tg.cancel_scope.cancel()
