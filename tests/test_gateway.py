@@ -332,7 +332,14 @@ async def test_with_a_clients_key_only_its_bearers_come_in():
             await door.client("wrong").chat.completions.create(model="chat", messages=HELLO)
         answer = await door.client("door-secret").chat.completions.create(model="chat",
                                                                           messages=HELLO)
+        async with httpx.AsyncClient() as client:
+            made_up = await client.get(f"{door.url}/wp-admin/setup-config.php")
     assert refused.value.code == "invalid_api_key"
+    assert made_up.status_code == 401
+    assert door.sample("modeld_gateway_requests_total", route="other", role="", model_id="",
+                       outcome="unauthorized") == 1
+    assert door.sample("modeld_gateway_requests_total", route="/v1/chat/completions",
+                       role="", model_id="", outcome="unauthorized") == 1
     assert answer.choices[0].message.content == "Hi t1 t2"
     # the client's token went nowhere but the door
     assert vllm.last_json("POST", "/v1/chat/completions") is not None

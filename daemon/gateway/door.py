@@ -334,7 +334,9 @@ class Gateway:
 
     def _count(self, route: str, role: str, model_id: str, outcome: str) -> None:
         if self.metrics is not None:
-            self.metrics.gateway_requests.labels(route, role, model_id, outcome).inc()
+            # the label takes the known routes only: any path can be asked for
+            known = route if route in PROXIED or route == "/v1/models" else "other"
+            self.metrics.gateway_requests.labels(known, role, model_id, outcome).inc()
 
 
 # ----------------------------------------------------------------------------- helpers
