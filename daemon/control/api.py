@@ -49,6 +49,9 @@ class DaemonServices(Protocol):
     async def persist(self) -> None:
         """Write the state durably; raises StateNotSaved."""
 
+    async def persist_decisions(self) -> None:
+        """Return once every decision in effect is saved; raises StateNotSaved."""
+
     async def evaluate(self, model_id: str) -> ProbeResult: ...
 
     async def reload(self, actor: str) -> dict[str, Any]:
@@ -163,6 +166,17 @@ class ControlAPI:
         except StateNotSaved as exc:
             raise HTTPError(503, "state_write_failed", f"the change is in effect but could "
                             f"not be saved: {exc}; it will be retried") from None
+
+    async def _confirm_saved(self) -> None:
+        """For a request that changed nothing: succeed only once the decisions in effect,
+        which its answer reports, are saved (a retry after a 503 is not acknowledged while
+        the decision it retries is unsaved)."""
+        try:
+            await self.daemon.persist_decisions()
+        except StateNotSaved as exc:
+            raise HTTPError(503, "state_write_failed", f"nothing changed, but decisions in "
+                            f"effect are not saved yet: {exc}; retry once the state can be "
+                            "written") from None
 
     # ------------------------------------------------------------------ reads
 
@@ -322,6 +336,8 @@ class ControlAPI:
         registry = self.daemon.registry
         if registry.set_offline_mode(body["enabled"], now=self.daemon.instant(), actor=actor):
             await self._persist()  # the event listener logs the change
+        else:
+            await self._confirm_saved()
         return Response.json({"offline_mode": registry.offline_mode,
                               "forced_by_env": self.daemon.offline_forced_by_env})
 
@@ -367,6 +383,8 @@ class ControlAPI:
     async def _changed(self, changes: list[Any], actor: str) -> Response:
         if changes:  # the daemon's event listener logs them and tells the observers
             await self._persist()
+        else:
+            await self._confirm_saved()
         return Response.json({"changes": [c.to_json() for c in changes]})
 
 

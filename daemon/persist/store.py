@@ -78,8 +78,13 @@ class StateStore:
                               holder) from None
         # write before truncating, so a competitor reading now sees a whole pid, not nothing
         pid = f"{os.getpid()}\n".encode()
-        os.pwrite(fd, pid, 0)
-        os.ftruncate(fd, len(pid))
+        try:
+            os.pwrite(fd, pid, 0)
+            os.ftruncate(fd, len(pid))
+        except OSError as exc:  # a full disk: the lock file exists but cannot hold the pid
+            os.close(fd)
+            raise StateError(f"cannot write lock file {self.lock_path}: "
+                             f"{exc.strerror or exc}") from None
         self._lock_fd = fd
 
     def unlock(self) -> None:

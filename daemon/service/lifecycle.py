@@ -137,6 +137,10 @@ class Daemon:
         """Write the state durably if it changed; raises StateNotSaved when the write fails."""
         await self.saver.persist()
 
+    async def persist_decisions(self) -> None:
+        """Return once every decision in effect is saved; raises StateNotSaved."""
+        await self.saver.persist_decisions()
+
     async def evaluate(self, model_id: str) -> ProbeResult:
         """Probe one model now and fold the result in."""
         spec = self.registry.entry(model_id).spec
@@ -384,7 +388,8 @@ class Daemon:
             try:
                 await self.persist()
             except StateNotSaved as exc:
-                self.log.error("startup_failed", error=f"cannot write state: {exc}",
+                self.log.error("startup_failed",
+                               error=f"cannot write state file {self.store.path}: {exc}",
                                exit_code=EX_CANTCREAT)
                 await self._shutdown_servers(0.0)
                 root.cancel_scope.cancel()

@@ -40,6 +40,8 @@ class StateSaver:
         self.log = log
         self.last_write = WriteRecord()
         self.saved_version = -1
+        #: the registry's ``decision_version`` in the last successful write
+        self.saved_decision_version = -1
         self._lock = anyio.Lock()
 
     @property
@@ -57,6 +59,7 @@ class StateSaver:
             # the snapshot is taken on the loop (registry operations are atomic there); the
             # encoding and the write happen in a worker thread, and both are timed
             started = time.perf_counter()
+            decisions = registry.decision_version
             snapshot = to_state(registry)
             try:
                 size = await anyio.to_thread.run_sync(self.store.write, snapshot)
@@ -73,6 +76,19 @@ class StateSaver:
             self.last_write = WriteRecord(time.time(), True, "", size, seconds)
             self.metrics.state_write_seconds.observe(seconds)
             self.saved_version = version
+            self.saved_decision_version = decisions
+
+    async def persist_decisions(self) -> None:
+        """Return once every decision in effect is saved, writing the state if one is not;
+        raises StateNotSaved when that write fails.
+
+        For requests that change nothing: their answer reports the state in effect, so it may
+        only be a success once that state's decisions are durable (a retry after a failed
+        write must not be acknowledged while the decision it retries is still unsaved).
+        Observations alone do not make this write: they are checkpointed by the flusher.
+        """
+        if self._registry().decision_version != self.saved_decision_version:
+            await self.persist()
 
     async def persist_quietly(self) -> None:
         """``persist`` for callers with nobody to answer to: a failure is logged only."""

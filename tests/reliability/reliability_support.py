@@ -214,6 +214,12 @@ class _FaultyOs(types.ModuleType):
             raise OSError(code, os.strerror(code))
         return os.write(fd, data)
 
+    def pwrite(self, fd, data, offset):
+        code = _fault()
+        if code is not None and code != errno.EROFS:
+            raise OSError(code, os.strerror(code))
+        return os.pwrite(fd, data, offset)
+
 
 def _install():
     import daemon.persist.store as state
