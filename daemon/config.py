@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from .core.model import HTTP_PROVIDERS, MODEL_ID_RE, RESERVED_MODEL_IDS, ModelSpec
 from .core.settings import (
     Config,
+    ControlConfig,
     DaemonConfig,
     GatewayConfig,
     HealthConfig,
@@ -229,6 +230,21 @@ SCHEMA: dict[str, tuple[type, tuple[Key, ...]]] = {
             Key("max_connections", "int", "control-socket connections served at once", _positive),
             Key("request_timeout", "duration", "a client must send a whole request within this "
                 "(else 408), so a stalled client cannot hold a connection", _positive),
+        ),
+    ),
+    "control": (
+        ControlConfig,
+        (
+            Key("max_connections_per_peer", "int", "control-socket connections one uid may "
+                "hold at once (more → 429); admins are held only to daemon.max_connections",
+                _positive),
+            Key("admin_reserve", "int", "of daemon.max_connections, this many are kept for "
+                "admins (root, the daemon's uid, admin_group), so a lock-out cannot lock "
+                "them out", _non_negative),
+            Key("idle_timeout", "duration", "an idle keep-alive connection is closed after "
+                "this", _positive),
+            Key("max_followers_per_peer", "int", "GET /api/v1/events?follow=1 streams one uid "
+                "may hold at once (more → 429)", _positive),
         ),
     ),
     "probe": (
@@ -537,6 +553,15 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>",
     if score is not None and score.health + score.latency + score.cost + score.quality <= 0:
         out.add("score", "the weights health, latency, cost and quality sum to 0; "
                 "give at least one a positive weight")
+    daemon_section, control = sections.get("daemon"), sections.get("control")
+    if daemon_section is not None and control is not None:
+        if control.admin_reserve >= daemon_section.max_connections:
+            out.add("control.admin_reserve", f"must be less than daemon.max_connections "
+                    f"({daemon_section.max_connections}), or no other peer could connect")
+        if control.max_followers_per_peer > control.max_connections_per_peer:
+            out.add("control.max_followers_per_peer", f"cannot exceed "
+                    f"control.max_connections_per_peer ({control.max_connections_per_peer}): "
+                    "each stream holds a connection")
     gateway = sections.get("gateway")
     if gateway is not None:
         _check_gateway(gateway, out)

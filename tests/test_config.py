@@ -415,7 +415,8 @@ def test_render_config_parses_back_with_tomllib_to_an_equal_config():
 def test_render_config_of_the_defaults_round_trips_and_shows_every_section():
     config = parse_config({}, SRC)
     data = tomllib.loads(render_config(config))
-    assert set(data) == {"daemon", "probe", "health", "score", "policy", "gateway", "models"}
+    assert set(data) == {"daemon", "control", "probe", "health", "score", "policy", "gateway",
+                         "models"}
     assert data["probe"]["interval"] == "5s"
     assert data["daemon"]["socket_mode"] == "0660"
     assert parse_config(data, SRC) == config

@@ -32,6 +32,11 @@ class Limits:
     keepalive_timeout: float = 30.0  # idle time between requests before the server closes
     write_timeout: float = 10.0  # a client that stops reading is dropped after this
     max_connections: int = 1024  # more → 503 and close
+    #: per-peer shares (a peer is a uid, from SO_PEERCRED); 0: no cap. Admins are held only
+    #: to ``max_connections`` and alone may use the last ``admin_reserve`` connections.
+    max_connections_per_peer: int = 0  # more from one uid → 429 and close
+    admin_reserve: int = 0
+    max_streams_per_peer: int = 0  # streaming responses one uid may hold; more → 429
 
 
 class HTTPError(Exception):

@@ -20,7 +20,9 @@ import errno
 import json as jsonlib
 import socket
 import struct
-from collections.abc import Sequence
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -47,6 +49,11 @@ from .messages import (
 
 _RECEIVE_SIZE = 65536
 SERVER_NAME = b"modeld"
+#: connections being answered "no" at once; beyond this a refused connection is closed
+#: without an answer, so a client reconnecting in a loop cannot pile up descriptors
+_MAX_TURNING_AWAY = 1024
+#: one warning per peer and reason per this many seconds (a hog retrying floods no journal)
+_REFUSAL_LOG_INTERVAL = 10.0
 
 
 def peer_credentials(stream: anyio.abc.ByteStream) -> Peer | None:
@@ -99,6 +106,7 @@ class _Connection:
     stream_scope: anyio.CancelScope | None = None  # set while sending a streaming body
     in_flight: bool = False
     closing: bool = False
+    admin: bool = False  # may use the admin reserve; held to no per-peer share
     log: Any = None
     raw: socket.socket | None = None  # the Unix socket under ``stream``, looked up once
 
@@ -117,12 +125,22 @@ class HTTPServer:
     """
 
     def __init__(
-        self, handler: Handler, limits: Limits | None = None, log: Any | None = None
+        self,
+        handler: Handler,
+        limits: Limits | None = None,
+        log: Any | None = None,
+        is_admin: Callable[[Peer | None], bool] | None = None,
     ) -> None:
         self.handler = handler
+        #: may be replaced while serving (a reload); each new connection reads it
         self.limits = limits or Limits()
         self.log = log if log is not None else structlog.get_logger("modeld.http")
+        #: whether a peer may use the admin reserve and is exempt from the per-peer shares
+        self.is_admin = is_admin or (lambda peer: False)
         self._connections: set[_Connection] = set()
+        self._by_peer: Counter[int | None] = Counter()  # open connections per uid
+        self._streams_by_peer: Counter[int | None] = Counter()
+        self._refusals_logged: dict[tuple[int | None, str], tuple[float, int]] = {}
         self._servings: list[_Serving] = []
         self._turning_away = 0
         self._closing = False
@@ -231,17 +249,26 @@ class HTTPServer:
             conn_group.start_soon(self._on_connect, stream)
 
     async def _on_connect(self, stream: anyio.abc.ByteStream) -> None:
-        if len(self._connections) >= self.limits.max_connections or self._closing:
-            await self._turn_away(stream)
+        if self._closing:
+            await self._turn_away(stream, 503, "shutting_down", "the daemon is shutting down")
+            return
+        peer = peer_credentials(stream)
+        admin = self._admin(peer)
+        refusal = self._admission(peer, admin)
+        if refusal is not None:
+            await self._turn_away(stream, *refusal, peer=peer)
             return
         conn = _Connection(
             stream=stream,
-            peer=peer_credentials(stream),
+            peer=peer,
             h11=h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes),
             log=self.log,
             raw=_unix_socket(stream),
+            admin=admin,
         )
+        key = _peer_key(peer)
         self._connections.add(conn)
+        self._by_peer[key] += 1
         try:
             await self._serve_connection(conn)
         except _ClientGone:
@@ -252,27 +279,87 @@ class HTTPServer:
             self.log.exception("http_connection_failed")
         finally:
             self._connections.discard(conn)
+            _release(self._by_peer, key)
             with anyio.CancelScope(shield=True):
                 await _close(stream)
             self._check_drained()
+
+    def _admin(self, peer: Peer | None) -> bool:
+        limits = self.limits
+        if not (limits.admin_reserve or limits.max_connections_per_peer
+                or limits.max_streams_per_peer):
+            return False  # nothing to be exempt from: spare the lookup
+        try:
+            return self.is_admin(peer)
+        except Exception:  # a failing group lookup must not take the accept path down
+            self.log.exception("http_admin_check_failed")
+            return False
+
+    def _admission(self, peer: Peer | None, admin: bool) -> tuple[int, str, str] | None:
+        """Why a new connection from ``peer`` is refused (status, code, message), or None.
+
+        The total is a hard cap for everyone. Below it, the last ``admin_reserve``
+        connections are for admins only, and a peer (uid) that is not an admin may hold at
+        most ``max_connections_per_peer``: one local user holding connections can lock out
+        neither the admins nor the other users.
+        """
+        limits = self.limits
+        total = len(self._connections)
+        if total >= limits.max_connections:
+            return (503, "too_many_connections",
+                    f"too many connections (limit {limits.max_connections}); retry later")
+        if admin:
+            return None
+        shared = limits.max_connections - limits.admin_reserve
+        if total >= shared:
+            return (503, "too_many_connections",
+                    f"all {shared} connections open to every peer are in use (the other "
+                    f"{limits.admin_reserve} are reserved for admins); retry later")
+        cap = limits.max_connections_per_peer
+        if cap and self._by_peer[_peer_key(peer)] >= cap:
+            return (429, "too_many_connections",
+                    f"{_peer_name(peer)} already holds {cap} connections, the most one peer "
+                    "may (control.max_connections_per_peer); close idle ones or retry later")
+        return None
 
     def _check_drained(self) -> None:
         if self._closing and not self._connections and not self._turning_away:
             self._drained.set()
 
-    async def _turn_away(self, stream: anyio.abc.ByteStream) -> None:
-        """Answer 503 without reading the request, then close."""
-        if self._closing:
-            status, message = 503, "the daemon is shutting down"
-        else:
-            status = 503
-            message = f"too many connections (limit {self.limits.max_connections}); retry later"
-        self.log.warning("http_connection_refused", reason=message)
+    def _log_refusal(self, peer: Peer | None, code: str, message: str) -> None:
+        """Warn about a refused peer, at most once per peer and reason per interval."""
+        key = (_peer_key(peer), code)
+        now = time.monotonic()
+        last, suppressed = self._refusals_logged.get(key, (-_REFUSAL_LOG_INTERVAL, 0))
+        if now - last < _REFUSAL_LOG_INTERVAL:
+            self._refusals_logged[key] = (last, suppressed + 1)
+            return
+        if len(self._refusals_logged) > 4096:
+            self._refusals_logged.clear()
+        self._refusals_logged[key] = (now, 0)
+        self.log.warning("http_connection_refused", code=code, reason=message,
+                         uid=peer.uid if peer else None, pid=peer.pid if peer else None,
+                         suppressed_since_last=suppressed)
+
+    async def _turn_away(
+        self,
+        stream: anyio.abc.ByteStream,
+        status: int,
+        code: str,
+        message: str,
+        peer: Peer | None = None,
+    ) -> None:
+        """Answer ``status`` without reading the request, then close."""
+        self._log_refusal(peer, code, message)
+        if self._turning_away >= _MAX_TURNING_AWAY:
+            with anyio.CancelScope(shield=True):
+                await _close(stream)
+            return
         self._turning_away += 1
-        body = jsonlib.dumps(error_body("too_many_connections", message)).encode() + b"\n"
+        body = jsonlib.dumps(error_body(code, message)).encode() + b"\n"
         head = (
-            f"HTTP/1.1 {status} Service Unavailable\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
+            f"HTTP/1.1 {status} {_reason(status).decode()}\r\nContent-Type: application/json"
+            f"\r\nContent-Length: {len(body)}\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
         ).encode()
         try:
             with anyio.move_on_after(1.0):
@@ -471,7 +558,21 @@ class HTTPServer:
         self, conn: _Connection, request: Request, resp: StreamingResponse
     ) -> None:
         chunks = resp.chunks
+        key = _peer_key(conn.peer)
+        counted = False
         try:
+            cap = self.limits.max_streams_per_peer
+            if cap and not conn.admin and self._streams_by_peer[key] >= cap:
+                message = (f"{_peer_name(conn.peer)} already holds {cap} streams, the most one "
+                           "peer may (control.max_followers_per_peer); close one first")
+                self._log_refusal(conn.peer, "too_many_streams", message)
+                conn.closing = True
+                refusal = HTTPError(429, "too_many_streams", message)
+                await self._send_response(conn, request,
+                                          refusal.to_response(headers=[("Retry-After", "1")]))
+                return
+            self._streams_by_peer[key] += 1
+            counted = True
             head = self._head(resp.status, resp.content_type, resp.headers, None, True)
             await self._send(conn, head)
             if request.method == "HEAD":
@@ -500,6 +601,8 @@ class HTTPServer:
             # Ended by its source or by shutdown: terminate the chunked body properly.
             await self._send(conn, h11.EndOfMessage())
         finally:
+            if counted:
+                _release(self._streams_by_peer, key)
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 with anyio.CancelScope(shield=True), suppress(Exception):
@@ -555,6 +658,21 @@ class HTTPServer:
 
 
 _LOOK_UP: Any = object()
+
+
+def _peer_key(peer: Peer | None) -> int | None:
+    """What a per-peer share is counted by: the uid (None: a peer without credentials)."""
+    return peer.uid if peer is not None else None
+
+
+def _peer_name(peer: Peer | None) -> str:
+    return f"uid {peer.uid}" if peer is not None else "this peer"
+
+
+def _release(counts: Counter[int | None], key: int | None) -> None:
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]
 
 
 def _unix_socket(stream: anyio.abc.ByteStream) -> socket.socket | None:

@@ -27,6 +27,16 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ControlConfig:
+    """What one local user may hold of the control socket ([control])."""
+
+    max_connections_per_peer: int = 128  # per uid; admins are held only to the total
+    admin_reserve: int = 32  # of daemon.max_connections, only admins may use these
+    idle_timeout: float = 15.0  # an idle keep-alive connection is closed after this
+    max_followers_per_peer: int = 16  # GET /api/v1/events?follow=1 streams per uid
+
+
+@dataclass(frozen=True, slots=True)
 class ProbeConfig:
     interval: float = 5.0
     timeout: float = 3.0
@@ -95,6 +105,7 @@ class Config:
     """The whole effective configuration."""
 
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)

@@ -79,6 +79,17 @@ def offline_from_env(environ: Mapping[str, str]) -> bool | None:
     return None
 
 
+def control_limits(config: Config) -> Limits:
+    """The control socket's limits: [daemon] sizes it, [control] shares it out per peer."""
+    control = config.control
+    return Limits(max_connections=config.daemon.max_connections,
+                  read_timeout=config.daemon.request_timeout,
+                  keepalive_timeout=control.idle_timeout,
+                  max_connections_per_peer=control.max_connections_per_peer,
+                  admin_reserve=control.admin_reserve,
+                  max_streams_per_peer=control.max_followers_per_peer)
+
+
 class Daemon:
     """A running modeld: call ``await run()``; it returns the exit status."""
 
@@ -104,9 +115,9 @@ class Daemon:
         self.events = EventFanout(self.log, self.metrics, lambda: self.pm)
         self.scheduler = ProbeScheduler(self)
         self.api = ControlAPI(self, self.log.bind(component="api"))
-        limits = Limits(max_connections=config.daemon.max_connections,
-                        read_timeout=config.daemon.request_timeout)
-        self.server = HTTPServer(self.api.handle, limits, self.log.bind(component="http"))
+        self.server = HTTPServer(self.api.handle, control_limits(config),
+                                 self.log.bind(component="http"),
+                                 is_admin=lambda peer: self.authorizer.check(peer) is None)
         self.metrics_server = HTTPServer(self.api.handle_metrics_only,
                                          Limits(max_connections=64),
                                          self.log.bind(component="metrics"))

@@ -39,6 +39,8 @@ async def reload(daemon: Daemon, actor: str) -> dict[str, Any]:
         errors = [f"{daemon.config_path}: cannot load: {exc!r}"]
         daemon.registry.note_config_rejected(time.time(), actor=actor, errors=errors)
         raise ConfigError(errors) from exc
+    from .lifecycle import control_limits  # lifecycle imports this module
+
     restart = [f"daemon.{key}" for key in RESTART_KEYS
                if getattr(new.daemon, key) != getattr(daemon.config.daemon, key)]
     if new.probe.max_concurrent != daemon.config.probe.max_concurrent:
@@ -56,6 +58,11 @@ async def reload(daemon: Daemon, actor: str) -> dict[str, Any]:
     daemon.config = new
     # look the admin group up again: it may have been created since
     daemon.authorizer = Authorizer(new.daemon.admin_group)
+    # [control] shares apply to connections made from now on; the [daemon] sizes need a
+    # restart (RESTART_KEYS)
+    current = daemon.server.limits
+    daemon.server.limits = replace(control_limits(new), max_connections=current.max_connections,
+                                   read_timeout=current.read_timeout)
     if daemon.prober is not None:
         daemon.prober.config = new.probe
     for model_id in diff.removed:
