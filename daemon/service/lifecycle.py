@@ -163,12 +163,15 @@ class Daemon:
     async def reload(self, actor: str = "signal") -> dict[str, Any]:
         """Re-read the configuration (:func:`daemon.service.reload.reload`)."""
         async with self._reload_lock:
-            self.notifier.reloading("reloading configuration")
+            await self.notifier.reloading_reliably("reloading configuration")
             try:
                 return await reload(self, actor)
             finally:
                 # whatever happened, systemd must not be left thinking we are reloading
-                self.notifier.ready(self.status_line())
+                # (unless we are stopping: STOPPING=1 has been said, or is about to be)
+                if not self.stopping():
+                    with anyio.CancelScope(shield=True):
+                        await self.notifier.ready_reliably(self.status_line())
 
     def status(self) -> dict[str, Any]:
         registry = self.registry
@@ -405,31 +408,40 @@ class Daemon:
                 await self._shutdown_servers(0.0)
                 root.cancel_scope.cancel()
                 return EX_CANTCREAT
-            async with anyio.create_task_group() as workers:
-                workers.start_soon(self.scheduler.run)
-                workers.start_soon(timers.policy_timer, self)
-                workers.start_soon(timers.flusher, self)
-                workers.start_soon(timers.status_updater, self)
-                watchdog = watchdog_interval(self.environ)
-                if watchdog:
-                    workers.start_soon(timers.watchdog, self, watchdog)
-                self.log.info("daemon_started", version=__version__, pid=os.getpid(),
-                              socket=self.socket_path, state_file=str(self.store.path),
-                              config=self.config_path, models=len(self.registry.models),
-                              offline_mode=self.registry.offline_mode,
-                              gateway=self.config.gateway.listen or None)
-                self.notifier.ready(self.status_line())
-                await self._stop.wait()
-                self.notifier.stopping("stopping")
-                workers.cancel_scope.cancel()
-            await self._shutdown_servers(self.config.daemon.shutdown_grace)
-            with anyio.CancelScope(shield=True):
-                self.events.close_all()
-                try:
-                    await self.persist()
-                except StateNotSaved:
-                    self.log.error("final_flush_failed", path=str(self.store.path))
-            root.cancel_scope.cancel()
+            try:
+                async with anyio.create_task_group() as workers:
+                    workers.start_soon(self.scheduler.run)
+                    workers.start_soon(timers.policy_timer, self)
+                    workers.start_soon(timers.flusher, self)
+                    workers.start_soon(timers.status_updater, self)
+                    watchdog = watchdog_interval(self.environ)
+                    if watchdog:
+                        workers.start_soon(timers.watchdog, self, watchdog)
+                    self.log.info("daemon_started", version=__version__, pid=os.getpid(),
+                                  socket=self.socket_path, state_file=str(self.store.path),
+                                  config=self.config_path, models=len(self.registry.models),
+                                  offline_mode=self.registry.offline_mode,
+                                  gateway=self.config.gateway.listen or None)
+                    await self.notifier.ready_reliably(self.status_line())
+                    await self._stop.wait()
+                    workers.cancel_scope.cancel()
+            except Exception:
+                # a task crashed: a daemon bug. Say so, then stop as cleanly as a SIGTERM
+                # would (below), and let the crash propagate (exit status 1)
+                self.log.exception("daemon_crashed")
+                self.stop()
+                raise
+            finally:
+                # whatever ended the work, crash included: stop serving, then the final flush
+                with anyio.CancelScope(shield=True):
+                    await self.notifier.stopping_reliably("stopping")
+                    await self._shutdown_servers(self.config.daemon.shutdown_grace)
+                    self.events.close_all()
+                    try:
+                        await self.persist()
+                    except StateNotSaved:
+                        self.log.error("final_flush_failed", path=str(self.store.path))
+                root.cancel_scope.cancel()
         self.log.info("daemon_stopped", probes_total=self.scheduler.probes_total)
         return EX_OK
 

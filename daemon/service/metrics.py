@@ -20,7 +20,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..core.model import HealthStatus
+from ..core.model import HealthStatus, ProbeStatus
 from ..core.registry import ModelRegistry, NoUsableModel
 from ..core.scoring import expected_latency_ms
 
@@ -130,6 +130,13 @@ class Metrics:
         # memory, CPU, open fds of the daemon: what an operator checks first at 3 a.m.
         ProcessCollector(registry=self.registry)
         self.registry.register(_RegistryCollector(get_registry))
+
+    def forget_model(self, model_id: str) -> None:
+        """Drop the series labelled with ``model_id`` (a reload removed the model), so that
+        a removed model neither lingers in dashboards nor grows the exposition forever.
+        Metrics labelled by ``model_id`` are listed here."""
+        for outcome in ProbeStatus:
+            self.probes.remove(model_id, outcome.value)
 
     def render(self) -> bytes:
         """The text exposition format."""

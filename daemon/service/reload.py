@@ -4,6 +4,7 @@ and the old one kept."""
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -12,6 +13,7 @@ import anyio
 
 from ..config import ConfigError, load_config
 from ..control.auth import Authorizer
+from ..core.settings import Config
 from ..probing.plugins import unknown_providers
 
 if TYPE_CHECKING:
@@ -22,11 +24,43 @@ RESTART_KEYS = ("state_file", "socket", "socket_mode", "plugin_dirs", "metrics_l
                 "log_format", "max_connections", "request_timeout")
 
 
+async def read_config(path: str) -> Config:
+    """``load_config(path)`` in a thread of its own that a cancelled caller leaves behind.
+
+    A config file on a hung network file system (or a FIFO nobody writes) blocks its read
+    for as long as it likes; the reload waiting for it must stay cancellable, so that a
+    SIGTERM stops the daemon at once and the process can exit: the reader is a daemon thread,
+    which, unlike a worker of anyio's pool, nothing waits for at exit.
+    """
+    done = threading.Event()
+    outcome: list[Any] = []
+
+    def read() -> None:
+        try:
+            outcome.append(load_config(path))
+        except BaseException as exc:  # handed to the caller, re-raised there
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=read, name="modeld-config-reader", daemon=True).start()
+    while not done.is_set():  # a reload is rare: polling costs nothing that matters
+        await anyio.sleep(0.01)
+    result = outcome[0]
+    if isinstance(result, BaseException):
+        raise result
+    assert isinstance(result, Config)
+    return result
+
+
 async def reload(daemon: Daemon, actor: str) -> dict[str, Any]:
     """Re-read the configuration. Raises ConfigError, keeping the old one, when the new one
     is invalid; StateNotSaved when it took effect but could not be written."""
+    # Only the loader's verdict on the file is a rejected config. Anything else raised here
+    # is a daemon bug: it propagates (a 500 for the API, logged with its traceback), and
+    # the file is not blamed in an event.
     try:
-        new = await anyio.to_thread.run_sync(load_config, daemon.config_path)
+        new = await read_config(daemon.config_path)
         errors = unknown_providers(new, daemon.prober.probes if daemon.prober else {})
         if errors:
             raise ConfigError(errors)
@@ -34,11 +68,6 @@ async def reload(daemon: Daemon, actor: str) -> dict[str, Any]:
         # an event (logged as an error, streamed, kept in the state), not only a log line
         daemon.registry.note_config_rejected(time.time(), actor=actor, errors=exc.errors)
         raise
-    except Exception as exc:  # a config that breaks the loader is a rejected config
-        daemon.log.exception("config_reload_failed", path=daemon.config_path, actor=actor)
-        errors = [f"{daemon.config_path}: cannot load: {exc!r}"]
-        daemon.registry.note_config_rejected(time.time(), actor=actor, errors=errors)
-        raise ConfigError(errors) from exc
     from .lifecycle import control_limits  # lifecycle imports this module
 
     restart = [f"daemon.{key}" for key in RESTART_KEYS
@@ -67,6 +96,7 @@ async def reload(daemon: Daemon, actor: str) -> dict[str, Any]:
         daemon.prober.config = new.probe
     for model_id in diff.removed:
         daemon.scheduler.forget(model_id)
+        daemon.metrics.forget_model(model_id)
     daemon.scheduler.reschedule.set()
     daemon.log.info("config_reloaded", path=daemon.config_path, actor=actor,
                     added=list(diff.added), removed=list(diff.removed),

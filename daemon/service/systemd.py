@@ -18,6 +18,7 @@ import socket
 import time
 from collections.abc import Mapping, MutableMapping
 
+import anyio
 import structlog
 
 __all__ = [
@@ -30,6 +31,9 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
+
+#: How long READY=1, RELOADING=1 and STOPPING=1 are retried while the queue is full (seconds).
+RETRY_WITHIN = 1.0
 
 SD_LISTEN_FDS_START = 3
 """The first file descriptor systemd passes for socket activation."""
@@ -79,11 +83,38 @@ class Notifier:
         logged once and otherwise ignored, so the daemon keeps running. A line without "=" or
         with a newline is a programming error and raises ValueError.
         """
+        return self._send(lines) is None
+
+    async def notify_reliably(self, *lines: str, within: float = RETRY_WITHIN) -> bool:
+        """``notify``, retried for up to ``within`` seconds while the manager's queue is full.
+
+        For the state changes systemd acts on (READY=1, RELOADING=1, STOPPING=1): a dropped
+        READY=1 gets a Type=notify service killed at its start timeout. The retry sleeps on
+        the event loop, never blocking it. WATCHDOG=1 and STATUS= use ``notify``: the next
+        one says the same.
+        """
+        if self._address is None:
+            self._send(lines)  # checks the lines
+            return False
+        deadline = time.monotonic() + within
+        while True:
+            error = self._send(lines, log_failure=False)
+            if error is None:
+                return True
+            if error.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS) or (
+                time.monotonic() >= deadline
+            ):
+                self._log_failure(error, lines)
+                return False
+            await anyio.sleep(0.01)
+
+    def _send(self, lines: tuple[str, ...], log_failure: bool = True) -> OSError | None:
+        """Send one datagram without blocking: None when it was handed over, else why not."""
         for line in lines:
             if "=" not in line or "\n" in line:
                 raise ValueError(f"sd_notify line must be one KEY=value line, got {line!r}")
         if self._address is None or not lines:
-            return False
+            return OSError(errno.ENOTCONN, "no notify socket")
         payload = "\n".join(lines).encode()
         try:
             if self._sock is None:
@@ -94,16 +125,20 @@ class Notifier:
             if sent != len(payload):
                 raise OSError(errno.EMSGSIZE, "short write to the notify socket")
         except OSError as exc:
-            if not self._failure_logged:
-                self._failure_logged = True
-                log.warning(
-                    "sd_notify_failed",
-                    notify_socket=self.notify_socket,
-                    error=exc.strerror or str(exc),
-                    lines=[line.split("=", 1)[0] for line in lines],
-                )
-            return False
-        return True
+            if log_failure:
+                self._log_failure(exc, lines)
+            return exc
+        return None
+
+    def _log_failure(self, exc: OSError, lines: tuple[str, ...]) -> None:
+        if not self._failure_logged:
+            self._failure_logged = True
+            log.warning(
+                "sd_notify_failed",
+                notify_socket=self.notify_socket,
+                error=exc.strerror or str(exc),
+                lines=[line.split("=", 1)[0] for line in lines],
+            )
 
     def ready(self, status: str | None = None) -> bool:
         """Tell the manager start-up (or a reload) is complete: READY=1."""
@@ -117,6 +152,20 @@ class Notifier:
     def stopping(self, status: str | None = None) -> bool:
         """Tell the manager shutdown began: STOPPING=1."""
         return self.notify("STOPPING=1", *self._status(status))
+
+    async def ready_reliably(self, status: str | None = None) -> bool:
+        """``ready``, retried for a moment while the manager's queue is full."""
+        return await self.notify_reliably("READY=1", *self._status(status))
+
+    async def reloading_reliably(self, status: str | None = None) -> bool:
+        """``reloading``, retried for a moment while the manager's queue is full."""
+        now_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        return await self.notify_reliably("RELOADING=1", f"MONOTONIC_USEC={now_usec}",
+                                          *self._status(status))
+
+    async def stopping_reliably(self, status: str | None = None) -> bool:
+        """``stopping``, retried for a moment while the manager's queue is full."""
+        return await self.notify_reliably("STOPPING=1", *self._status(status))
 
     def watchdog(self) -> bool:
         """Feed the watchdog: WATCHDOG=1."""

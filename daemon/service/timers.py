@@ -3,7 +3,6 @@ STATUS= line and watchdog, and SIGTERM / SIGINT / SIGHUP."""
 
 from __future__ import annotations
 
-import contextlib
 import signal
 from typing import TYPE_CHECKING
 
@@ -66,16 +65,61 @@ async def signals(
 ) -> None:
     """Handle signals for the daemon's whole life, shutdown and final flush included: a
     second SIGTERM must not skip the flush, one during start-up must not kill us."""
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as received:
-        task_status.started()
-        async for signum in received:
-            if daemon.stopping():
-                daemon.log.info("signal_ignored", signal=signal.Signals(signum).name,
-                                reason="already stopping")
-            elif signum == signal.SIGHUP:
-                # failures are logged by reload(); a signal has nobody to answer to
-                with contextlib.suppress(ConfigError, StateNotSaved):
-                    await daemon.reload(actor="SIGHUP")
-            else:
-                daemon.log.info("stop_requested", signal=signal.Signals(signum).name)
-                daemon.stop()
+    reloads = _SignalReloads(daemon)
+    async with anyio.create_task_group() as group:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
+                                        signal.SIGHUP) as received:
+            task_status.started()
+            async for signum in received:
+                if daemon.stopping():
+                    daemon.log.info("signal_ignored", signal=signal.Signals(signum).name,
+                                    reason="already stopping")
+                elif signum == signal.SIGHUP:
+                    # in a task of its own: a slow reload must not hold up a SIGTERM
+                    reloads.request(group)
+                else:
+                    daemon.log.info("stop_requested", signal=signal.Signals(signum).name)
+                    daemon.stop()
+                    reloads.cancel()
+
+
+class _SignalReloads:
+    """SIGHUP's reloads: one at a time, one more queued at most (it reads the newest file
+    anyway), all cancelled when the daemon stops."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.pending = 0
+        self.scopes: set[anyio.CancelScope] = set()
+        self.cancelled = False
+
+    def request(self, group: anyio.abc.TaskGroup) -> None:
+        if self.pending >= 2:
+            self.daemon.log.info("signal_ignored", signal="SIGHUP",
+                                 reason="a reload is already queued")
+            return
+        self.pending += 1
+        group.start_soon(self._reload)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        for scope in self.scopes:
+            scope.cancel()
+
+    async def _reload(self) -> None:
+        scope = anyio.CancelScope()
+        if self.cancelled:
+            scope.cancel()
+        self.scopes.add(scope)
+        try:
+            with scope:
+                await self.daemon.reload(actor="SIGHUP")
+        except (ConfigError, StateNotSaved):
+            pass  # logged by reload(); a signal has nobody to answer to
+        except Exception:
+            # a daemon bug, not the file's fault: logged with its traceback, the old
+            # configuration stays, and the daemon keeps serving
+            self.daemon.log.exception("config_reload_crashed", actor="SIGHUP")
+        finally:
+            self.scopes.discard(scope)
+            self.pending -= 1
