@@ -21,6 +21,14 @@ a stale temp file before a start.
 The storm's client keeps a model of each role's primary and rollback stack (resynchronised
 from the file after every kill), so it knows what an in-flight rollback would have produced.
 
+Disk trouble: in a share of the cycles the state disk fills up and frees again, over and over,
+while the client runs (the injected ENOSPC of ``reliability_support.fault_injection_env``). A
+decision answered 503 ``state_write_failed`` is in effect but unsaved, so the client retries
+as a careful client would until it gets a 200: the same request when it is idempotent
+(promote, offline), a no-op (offline mode set to what it is) after a rollback. Only the 200
+acknowledges; the file may hold the unsaved decision (the flusher saved it) or not, but never
+lose one that was answered 200: 0 acknowledged-but-lost decisions.
+
 Seed: ``MODELD_STORM_SEED`` (printed at the end of each storm) replays the same choices.
 """
 
@@ -39,6 +47,7 @@ import pytest
 from reliability_support import (
     clean_env,
     corrupt_copies,
+    fault_injection_env,
     read_valid_state,
     roles_primaries,
     start_and_wait_ready,
@@ -56,6 +65,7 @@ KILLS = 50
 LONG_KILLS = 500
 MAX_KILL_DELAY = 0.3  # seconds after READY (or after spawn, for kills during start-up)
 EARLY_KILL_SHARE = 0.15  # share of kills aimed at start-up, before READY=1
+DISK_TROUBLE_SHARE = 0.4  # share of cycles in which the state disk fills and frees, repeatedly
 
 
 @dataclass
@@ -100,6 +110,8 @@ class StormReport:
     in_flight_at_kill: int = 0
     in_flight_landed: int = 0
     kills_leaving_temp: int = 0
+    write_failures: int = 0  # 503 state_write_failed answers the clients got
+    acknowledged_after_retry: int = 0  # decisions acknowledged by a retry after a 503
     seconds: float = 0.0
     violations: list[str] = field(default_factory=list)  # state integrity and durability
     #: dead daemons' temp files still there after a restart: name → the cycle first seen
@@ -110,7 +122,9 @@ class StormReport:
                 f"{self.early_kills}) acknowledged decisions={self.acknowledged} in flight at "
                 f"kill={self.in_flight_at_kill} (landed: {self.in_flight_landed}) kills that "
                 f"left a temp file={self.kills_leaving_temp} stale temp files seen after "
-                f"restart={len(self.stale_temps)} violations={len(self.violations)} "
+                f"restart={len(self.stale_temps)} failed writes answered 503="
+                f"{self.write_failures} acknowledged after a retry="
+                f"{self.acknowledged_after_retry} violations={len(self.violations)} "
                 f"in {self.seconds:.1f}s")
 
 
@@ -126,7 +140,11 @@ class Client(threading.Thread):
         self.rng = rng
         self.stop = threading.Event()
         self.in_flight: Attempt | None = None
+        #: in effect in the daemon but not acknowledged (answered 503): may or may not be saved
+        self.unsaved: Decisions | None = None
         self.acknowledged = 0
+        self.write_failures = 0
+        self.acknowledged_after_retry = 0
         self.mismatches: list[str] = []
 
     def next_attempt(self) -> Attempt:
@@ -163,6 +181,13 @@ class Client(threading.Thread):
                                        timeout=5.0)
             except (OSError, ValueError):
                 return  # the daemon was killed; this attempt stays in flight
+            if status == 503 and _code(body) == "state_write_failed" and not attempt.refused:
+                # in effect, not saved: retry until a 200 says it is saved
+                self.write_failures += 1
+                self.unsaved = attempt.after
+                if not self.retry_until_acknowledged(attempt):
+                    return
+                continue
             expected_status = 409 if attempt.refused else 200
             if status != expected_status:
                 self.mismatches.append(f"{attempt.what}: HTTP {status} {body}, expected "
@@ -171,6 +196,65 @@ class Client(threading.Thread):
             self.known = attempt.after
             self.in_flight = None
             self.acknowledged += 1
+
+    def retry_until_acknowledged(self, attempt: Attempt) -> bool:
+        """Retry after a 503: the same request if idempotent, else a no-op; whether a 200
+        came (False: the daemon went away, or answered something unexpected)."""
+        if attempt.path.endswith("/rollback"):
+            # rolling back again would roll back further: confirm with a no-op instead
+            retry = Attempt("confirm (offline unchanged)", "/api/v1/models/offline-mode",
+                            {"enabled": attempt.after.offline}, attempt.after)
+        else:
+            retry = Attempt(f"retry {attempt.what}", attempt.path, attempt.body, attempt.after)
+        while True:
+            self.in_flight = retry
+            time.sleep(0.01)
+            try:
+                status, body = request(self.socket_path, "POST", retry.path, retry.body,
+                                       timeout=5.0)
+            except (OSError, ValueError):
+                return False  # killed: the retry stays in flight, the decision unsaved
+            if status == 503 and _code(body) == "state_write_failed":
+                self.write_failures += 1
+                continue
+            if status != 200:
+                self.mismatches.append(f"{retry.what}: HTTP {status} {body}, expected 200")
+                return False
+            self.known = retry.after
+            self.unsaved = None
+            self.in_flight = None
+            self.acknowledged += 1
+            self.acknowledged_after_retry += 1
+            return True
+
+
+def _code(body: Any) -> str | None:
+    error = body.get("error") if isinstance(body, dict) else None
+    return error.get("code") if isinstance(error, dict) else None
+
+
+class DiskTrouble(threading.Thread):
+    """Fills the state disk and frees it again at random moments until stopped (then frees
+    it): the injected ENOSPC, switched by its flag file."""
+
+    def __init__(self, flag: Path, rng: random.Random) -> None:
+        super().__init__(daemon=True)
+        self.flag = flag
+        self.rng = rng
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.rng.uniform(0.02, 0.08)):
+            self.flag.write_text("ENOSPC")
+            self.stop.wait(self.rng.uniform(0.03, 0.12))
+            self.flag.unlink(missing_ok=True)
+        self.flag.unlink(missing_ok=True)
+
+    def end(self) -> None:
+        self.stop.set()
+        self.join(5.0)
+        assert not self.is_alive(), "the disk trouble thread did not stop"
+        self.flag.unlink(missing_ok=True)
 
 
 def storm_models(servers: FakeServers, files: Path) -> tuple[list[dict[str, Any]],
@@ -213,8 +297,9 @@ def run_storm(workdir: Path, kills: int) -> StormReport:
         config = daemon_config(workdir, models,
                                probe={"interval": "300ms", "timeout": "1s",
                                       "recheck_interval": "100ms"})
-        daemon = DaemonProcess(workdir, config, env=clean_env())
-        state_path = daemon.state_path
+        state_path = Path(config["daemon"]["state_file"])
+        env, flag = fault_injection_env(workdir, state_path.parent)
+        daemon = DaemonProcess(workdir, config, env=env)
         known = Decisions(
             primaries={r: models_by_role[r][0] for r in ROLES},
             stacks={r: [] for r in ROLES},
@@ -224,6 +309,7 @@ def run_storm(workdir: Path, kills: int) -> StormReport:
             for cycle in range(kills):
                 fakes[0].set_mode(rng.choice(("normal", "normal", "error500")))
                 client: Client | None = None
+                trouble: DiskTrouble | None = None
                 if rng.random() < EARLY_KILL_SHARE:
                     report.early_kills += 1
                     daemon.read_notifications()
@@ -239,22 +325,31 @@ def run_storm(workdir: Path, kills: int) -> StormReport:
                             report.stale_temps.setdefault(name, cycle)
                     client = Client(daemon.socket_path, known, models_by_role,
                                     random.Random(rng.random()))
+                    if rng.random() < DISK_TROUBLE_SHARE:
+                        trouble = DiskTrouble(flag, random.Random(rng.random()))
+                        trouble.start()
                     client.start()
                     time.sleep(rng.uniform(0.0, MAX_KILL_DELAY))
                 killed_pid = daemon.pid
                 daemon.kill()
                 report.kills += 1
+                if trouble is not None:
+                    trouble.end()  # the disk is free again for the check and the restart
                 in_flight: Attempt | None = None
+                unsaved: Decisions | None = None
                 if client is not None:
                     client.stop.set()
                     client.join(10.0)
                     assert not client.is_alive(), "the storm client did not stop"
                     report.acknowledged += client.acknowledged
+                    report.write_failures += client.write_failures
+                    report.acknowledged_after_retry += client.acknowledged_after_retry
                     report.violations.extend(f"cycle {cycle}: {m}" for m in client.mismatches)
-                    known, in_flight = client.known, client.in_flight
+                    known, in_flight, unsaved = client.known, client.in_flight, client.unsaved
                 if any(pid == killed_pid for _, pid in temp_files(state_path)):
                     report.kills_leaving_temp += 1
-                known, problem = check_after_kill(state_path, known, in_flight, report)
+                known, problem = check_after_kill(state_path, known, in_flight, report,
+                                                  unsaved)
                 if problem:
                     report.violations.append(f"cycle {cycle}: {problem}")
                     break  # the client's model no longer matches the daemon's
@@ -265,8 +360,12 @@ def run_storm(workdir: Path, kills: int) -> StormReport:
 
 
 def check_after_kill(state_path: Path, known: Decisions, in_flight: Attempt | None,
-                     report: StormReport) -> tuple[Decisions, str]:
-    """Check the file a SIGKILL left; returns the decisions it holds and a problem (or "")."""
+                     report: StormReport,
+                     unsaved: Decisions | None = None) -> tuple[Decisions, str]:
+    """Check the file a SIGKILL left; returns the decisions it holds and a problem (or "").
+
+    ``unsaved``: a decision answered 503 and not yet acknowledged by a retry; the file may
+    hold it (a later write saved it) or not."""
     if in_flight is not None:
         report.in_flight_at_kill += 1
     corrupt = corrupt_copies(state_path)
@@ -282,7 +381,8 @@ def check_after_kill(state_path: Path, known: Decisions, in_flight: Attempt | No
     except AssertionError as exc:
         return known, str(exc)
     saved = Decisions.from_state(state)
-    allowed = [known] + ([in_flight.after] if in_flight is not None else [])
+    allowed = ([known] + ([in_flight.after] if in_flight is not None else [])
+               + ([unsaved] if unsaved is not None else []))
     problems = []
     for role in ROLES:
         ok = {d.primaries[role] for d in allowed}
@@ -296,6 +396,7 @@ def check_after_kill(state_path: Path, known: Decisions, in_flight: Attempt | No
         return known, "acknowledged decision lost: " + "; ".join(problems)
     if in_flight is not None and (saved.primaries != known.primaries
                                   or saved.offline != known.offline):
+        # (or the unsaved decision a 503 left, saved since)
         report.in_flight_landed += 1
     return saved, ""
 
@@ -335,6 +436,9 @@ def _assert_integrity(report: StormReport, kills: int) -> None:
     # kills landing while one was in flight (about 1-3 and 0.8 per kill on this 2-core box)
     assert report.acknowledged >= kills // 4, report.summary()
     assert report.in_flight_at_kill >= kills // 4, report.summary()
+    # and the disk trouble: failed writes answered 503, decisions acknowledged by a retry
+    assert report.write_failures >= kills // 10, report.summary()
+    assert report.acknowledged_after_retry >= kills // 25, report.summary()
 
 
 def _assert_no_stale_temps(report: StormReport) -> None:
