@@ -107,6 +107,7 @@ class _Connection:
     in_flight: bool = False
     closing: bool = False
     admin: bool = False  # may use the admin reserve; held to no per-peer share
+    evicted: bool = False  # closed to make room for another peer; no longer counted
     log: Any = None
     raw: socket.socket | None = None  # the Unix socket under ``stream``, looked up once
 
@@ -139,6 +140,7 @@ class HTTPServer:
         self.is_admin = is_admin or (lambda peer: False)
         self._connections: set[_Connection] = set()
         self._by_peer: Counter[int | None] = Counter()  # open connections per uid
+        self._evicted = 0  # connections closing to make room, still in _connections
         self._streams_by_peer: Counter[int | None] = Counter()
         self._refusals_logged: dict[tuple[int | None, str], tuple[float, int]] = {}
         self._servings: list[_Serving] = []
@@ -150,6 +152,10 @@ class HTTPServer:
     def connections(self) -> int:
         """Connections open now (not counting ones being turned away)."""
         return len(self._connections)
+
+    def connections_by_peer(self) -> dict[int | None, int]:
+        """Open connections per peer uid (None: peers without credentials)."""
+        return dict(self._by_peer)
 
     @property
     def in_flight(self) -> int:
@@ -280,6 +286,8 @@ class HTTPServer:
         finally:
             self._connections.discard(conn)
             _release(self._by_peer, key)
+            if conn.evicted:
+                self._evicted -= 1
             with anyio.CancelScope(shield=True):
                 await _close(stream)
             self._check_drained()
@@ -302,25 +310,53 @@ class HTTPServer:
         connections are for admins only, and a peer (uid) that is not an admin may hold at
         most ``max_connections_per_peer``: one local user holding connections can lock out
         neither the admins nor the other users.
+
+        When every connection a newcomer may use is taken, an idle keep-alive connection
+        (between requests) of the peer holding the most is closed to make room, if that
+        peer holds more than the newcomer's would then (any non-admin's, for an admin): so
+        even several uids together cannot keep the others out with idle connections.
         """
         limits = self.limits
-        total = len(self._connections)
-        if total >= limits.max_connections:
-            return (503, "too_many_connections",
-                    f"too many connections (limit {limits.max_connections}); retry later")
-        if admin:
-            return None
-        shared = limits.max_connections - limits.admin_reserve
-        if total >= shared:
-            return (503, "too_many_connections",
-                    f"all {shared} connections open to every peer are in use (the other "
-                    f"{limits.admin_reserve} are reserved for admins); retry later")
+        sharing = bool(limits.admin_reserve or limits.max_connections_per_peer)
+        key = _peer_key(peer)
         cap = limits.max_connections_per_peer
-        if cap and self._by_peer[_peer_key(peer)] >= cap:
+        if cap and not admin and self._by_peer[key] >= cap:
             return (429, "too_many_connections",
                     f"{_peer_name(peer)} already holds {cap} connections, the most one peer "
                     "may (control.max_connections_per_peer); close idle ones or retry later")
-        return None
+        total = len(self._connections) - self._evicted
+        limit = limits.max_connections if admin else limits.max_connections - limits.admin_reserve
+        if total < limit or (sharing and self._evict_idle(key, admin)):
+            return None
+        if total >= limits.max_connections:
+            return (503, "too_many_connections",
+                    f"too many connections (limit {limits.max_connections}); retry later")
+        return (503, "too_many_connections",
+                f"all {limit} connections open to every peer are in use (the other "
+                f"{limits.admin_reserve} are reserved for admins); retry later")
+
+    def _evict_idle(self, newcomer: int | None, admin: bool) -> bool:
+        """Close an idle connection of the non-admin peer holding the most connections, if
+        that is fairer than refusing the newcomer; whether one was closed."""
+        victim: _Connection | None = None
+        most = 0
+        for conn in self._connections:
+            if conn.admin or conn.closing or conn.idle_scope is None:
+                continue
+            held = self._by_peer[_peer_key(conn.peer)]
+            if held > most:
+                victim, most = conn, held
+        if victim is None:
+            return False
+        if not admin and most <= self._by_peer[newcomer] + 1:
+            return False  # the newcomer's peer would hold as many: already fair
+        victim.evicted = True
+        self._evicted += 1
+        self._wind_down(victim)
+        self.log.info("http_connection_evicted", uid=victim.peer.uid if victim.peer else None,
+                      held=most, for_uid=newcomer, reason="idle keep-alive connection closed "
+                      "to make room for another peer")
+        return True
 
     def _check_drained(self) -> None:
         if self._closing and not self._connections and not self._turning_away:

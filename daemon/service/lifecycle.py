@@ -204,6 +204,10 @@ class Daemon:
                          "connections": self.door_server.connections}
                         if self.gateway is not None and self.door_server is not None
                         else None),
+            "connections": {"open": self.server.connections, "in_flight": self.server.in_flight,
+                            "by_uid": {str(uid): n for uid, n in sorted(
+                                self.server.connections_by_peer().items(),
+                                key=lambda item: -item[1])}},
             "summary": self.status_line(),
         }
 

@@ -227,29 +227,32 @@ def test_an_idle_keepalive_connection_is_closed_after_the_idle_timeout(
     assert 0.5 <= waited <= 3.0, f"closed after {waited:.2f}s, idle_timeout is 1 s"
 
 
-def test_when_hogs_of_several_uids_fill_the_shared_connections_admins_still_get_in() -> None:
-    """Two uids take every connection open to all (64 + 8 of 80 - 8): root still gets
-    answers from the reserve; a third ordinary uid is told to retry later (503), which is
-    what a shared pool can do once it is full."""
+def test_when_hogs_of_several_uids_fill_the_shared_connections_everyone_still_gets_in() -> None:
+    """Two uids take every connection open to all (80 - 8 reserved): root still gets answers
+    from the reserve, and a third uid gets in too: an idle connection of the uid holding the
+    most is closed to make room. The two hogs end up sharing the 72 connections."""
     with hogged_daemon(80, 8) as daemon:
         first, held_first = start_hog(daemon, "keepalive")
-        second, held_second = start_hog(daemon, "keepalive", uid=SECOND_HOG_UID)
+        second, _ = start_hog(daemon, "keepalive", uid=SECOND_HOG_UID)
         try:
+            by_uid = daemon.get("/api/v1/status")["connections"]["by_uid"]
             root_ok = sum(modelctl_resolve(daemon, None) for _ in range(LEGIT_CTL))
             raw = [request(daemon.socket_path, "GET", "/api/v1/resolve?role=default")[0]
                    for _ in range(10)]
-            other = subprocess.run(
-                as_uid(OTHER_UID, [sys.executable, "-m", "daemon.control.ctl", "--socket",
-                                   daemon.socket_path, "resolve", "--first"]),
-                capture_output=True, text=True, timeout=30)
+            other_ok = sum(modelctl_resolve(daemon, OTHER_UID) for _ in range(LEGIT_CTL))
         finally:
             stop_hog(first)
             stop_hog(second)
-        summary = (f"[hogs] uid {HOG_UID} holds {held_first}, uid {SECOND_HOG_UID} holds "
-                   f"{held_second} of 80 (8 reserved); modelctl resolve as root {root_ok}/"
-                   f"{LEGIT_CTL}, resolve as root {raw.count(200)}/10")
+        hogs = {uid: by_uid.get(str(uid), 0) for uid in (HOG_UID, SECOND_HOG_UID)}
+        summary = (f"[hogs] two uids hog 80 connections (8 reserved): they hold {hogs}; "
+                   f"modelctl resolve as root {root_ok}/{LEGIT_CTL}, resolve as root "
+                   f"{raw.count(200)}/10, modelctl resolve as uid {OTHER_UID} "
+                   f"{other_ok}/{LEGIT_CTL}")
         print("\n" + summary)
-        assert (held_first, held_second) == (PER_PEER, 80 - 8 - PER_PEER), summary
+        assert held_first == PER_PEER, summary
+        assert sum(hogs.values()) <= 80 - 8, summary
+        assert hogs[SECOND_HOG_UID] >= 80 - 8 - PER_PEER, summary
+        assert max(hogs.values()) <= PER_PEER, summary
         assert root_ok == LEGIT_CTL and raw.count(200) == 10, summary
-        assert other.returncode != 0 and "reserved for admins" in other.stderr + other.stdout, (
-            other.stdout + other.stderr)
+        assert other_ok == LEGIT_CTL, summary
+        assert daemon.log_events("http_connection_evicted"), daemon.log_tail()
