@@ -466,3 +466,38 @@ def test_endpoints_that_break_url_parsing_or_carry_credentials_are_config_errors
         parse_config({"models": [{"id": "m", "provider": "openai", "endpoint": endpoint}]}, SRC)
     message = str(caught.value)
     assert f'{SRC}: models[0] (id "m").endpoint: ' in message and words in message
+
+
+# ----------------------------------------------------------------------------- [control]
+
+
+def test_control_shares_are_read_and_checked_against_each_other():
+    config = parse_config({"control": {"max_connections_per_peer": 10, "admin_reserve": 4,
+                                       "idle_timeout": "2s", "max_followers_per_peer": 3}},
+                          SRC)
+    assert (config.control.max_connections_per_peer, config.control.admin_reserve,
+            config.control.idle_timeout, config.control.max_followers_per_peer) == (10, 4, 2.0, 3)
+    errors = errors_of({"daemon": {"max_connections": 8},
+                        "control": {"admin_reserve": 8, "max_connections_per_peer": 0,
+                                    "idle_timeout": "soon", "max_followers_per_peer": 200,
+                                    "max_conections_per_peer": 1}})
+    assert f"{SRC}: control.admin_reserve: must be less than daemon.max_connections (8), or " \
+           "no other peer could connect" in errors
+    assert f"{SRC}: control.max_connections_per_peer: must be greater than 0" in errors
+    assert any(e.startswith(f"{SRC}: control.idle_timeout: ") for e in errors), errors
+    assert any("max_conections_per_peer: unknown key" in e and "did you mean" in e
+               for e in errors), errors
+
+
+def test_followers_per_peer_cannot_exceed_connections_per_peer():
+    errors = errors_of({"control": {"max_connections_per_peer": 4,
+                                    "max_followers_per_peer": 5}})
+    assert errors == [f"{SRC}: control.max_followers_per_peer: cannot exceed "
+                      "control.max_connections_per_peer (4): each stream holds a connection"]
+
+
+def test_a_config_nested_too_deeply_for_the_toml_parser_is_a_config_error(tmp_path):
+    path = tmp_path / "deep.toml"
+    path.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(path)
