@@ -2,7 +2,9 @@
 
 h11 does the HTTP framing. This module owns only what h11 leaves to a server: the connection
 loop, keep-alive, the limits a local daemon needs so that no client can hurt it (header and
-body size, a read deadline per request, a cap on connections, a write deadline), streaming
+body size, a read deadline per request, a cap on connections, a write deadline), the shares
+that keep one local user from locking out the others (connections and streams per peer uid, a
+reserve for admins, idle connections of the biggest holder closed to make room), streaming
 responses, and a graceful shutdown. Routing lives in the handler (``daemon.control.api``).
 
 Usage, from a supervisor::
