@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 from reliability_support import clean_env
 
+from daemon.core.settings import ControlConfig
 from daemon.testing.fakes import write_gguf
 from daemon.testing.harness import DaemonProcess, daemon_config, request, short_tempdir
 
@@ -37,17 +38,19 @@ HOG_UID = 65534  # nobody
 SECOND_HOG_UID = 65532
 OTHER_UID = 65533  # another local user, not an admin
 HOG_CONNECTIONS = 1030
-PER_PEER = 64
-FOLLOWERS_PER_PEER = 4
+SHIPPED = ControlConfig()  # the tests run the shipped defaults unless they say otherwise
+PER_PEER = SHIPPED.max_connections_per_peer
+FOLLOWERS_PER_PEER = SHIPPED.max_followers_per_peer
 LEGIT_RAW = 40  # in-process resolve requests as root, on fresh connections
 LEGIT_CTL = 3  # modelctl resolve runs, per legitimate uid
 
 #: The hog: opens N connections, then holds them; "keepalive" sends a request on each every
-#: 2 s, "follow" opens an event stream on each. Prints how many it holds, then waits for stdin
-#: to close.
+#: few seconds (2 s, or argv[4]), "follow" opens an event stream on each. Prints how many it
+#: holds, then waits for stdin to close.
 HOG = textwrap.dedent('''
     import selectors, socket, sys, time
     path, kind, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    every = float(sys.argv[4]) if len(sys.argv) > 4 else 2.0
     req = (b"GET /api/v1/events?follow=1 HTTP/1.1\\r\\nHost: m\\r\\n\\r\\n" if kind == "follow"
            else b"GET /api/v1/status HTTP/1.1\\r\\nHost: m\\r\\n\\r\\n")
     socks = []
@@ -77,7 +80,7 @@ HOG = textwrap.dedent('''
     sel = selectors.DefaultSelector()
     sel.register(sys.stdin, selectors.EVENT_READ)
     while True:
-        if sel.select(timeout=2.0):
+        if sel.select(timeout=every):
             break
         if kind == "keepalive":
             for s in held:
@@ -96,15 +99,15 @@ HOG = textwrap.dedent('''
 
 
 @contextlib.contextmanager
-def hogged_daemon(max_connections: int, admin_reserve: int) -> Iterator[DaemonProcess]:
+def hogged_daemon(max_connections: int = 1024,
+                  **control: Any) -> Iterator[DaemonProcess]:
+    """A daemon any local user may connect to; [control] as shipped unless overridden."""
     assert SETPRIV, "setpriv is required (util-linux; CI installs it)"
     assert os.geteuid() == 0, "the hog runs as another uid: these tests need root"
     with short_tempdir("md-hog-") as work:
         models = [{"id": "f", "provider": "local_file", "role": "default", "primary": True,
                    "local_path": str(write_gguf(work / "f.gguf"))}]
-        config = daemon_config(work, models, control={
-            "max_connections_per_peer": PER_PEER, "max_followers_per_peer": FOLLOWERS_PER_PEER,
-            "admin_reserve": admin_reserve, "idle_timeout": "1s"})
+        config = daemon_config(work, models, control=control)
         config["daemon"]["max_connections"] = max_connections
         config["daemon"]["socket_mode"] = "0666"  # any local user may connect (and read)
         config["daemon"]["admin_group"] = ""
@@ -118,8 +121,8 @@ def hogged_daemon(max_connections: int, admin_reserve: int) -> Iterator[DaemonPr
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[DaemonProcess]:
-    """The shipped total (1,024 connections), small shares so the test stays quick."""
-    with hogged_daemon(1024, 16) as proc:
+    """The shipped defaults: 1,024 connections, the [control] shares as shipped."""
+    with hogged_daemon() as proc:
         yield proc
 
 
@@ -128,11 +131,11 @@ def as_uid(uid: int, cmd: list[str]) -> list[str]:
     return [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *cmd]
 
 
-def start_hog(daemon: DaemonProcess, kind: str,
-              uid: int = HOG_UID) -> tuple[subprocess.Popen[str], int]:
+def start_hog(daemon: DaemonProcess, kind: str, uid: int = HOG_UID,
+              every: float = 2.0) -> tuple[subprocess.Popen[str], int]:
     script = str(daemon.workdir / "hog.py")
     hog = subprocess.Popen(as_uid(uid, [sys.executable, script, daemon.socket_path, kind,
-                                            str(HOG_CONNECTIONS)]),
+                                        str(HOG_CONNECTIONS), str(every)]),
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert hog.stdout is not None
     line = hog.stdout.readline()
@@ -204,10 +207,9 @@ def test_legitimate_calls_succeed_while_another_uid_holds_1030_connections(
     assert refused, daemon.log_tail()
 
 
-def test_an_idle_keepalive_connection_is_closed_after_the_idle_timeout(
-    daemon: DaemonProcess,
-) -> None:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+def test_an_idle_keepalive_connection_is_closed_after_the_idle_timeout() -> None:
+    with (hogged_daemon(idle_timeout="1s") as daemon,
+          socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock):
         sock.settimeout(5.0)
         sock.connect(daemon.socket_path)
         sock.sendall(b"GET /api/v1/status HTTP/1.1\r\nHost: m\r\n\r\n")
@@ -231,7 +233,7 @@ def test_when_hogs_of_several_uids_fill_the_shared_connections_everyone_still_ge
     """Two uids take every connection open to all (80 - 8 reserved): root still gets answers
     from the reserve, and a third uid gets in too: an idle connection of the uid holding the
     most is closed to make room. The two hogs end up sharing the 72 connections."""
-    with hogged_daemon(80, 8) as daemon:
+    with hogged_daemon(80, admin_reserve=8, max_connections_per_peer=64) as daemon:
         first, held_first = start_hog(daemon, "keepalive")
         second, _ = start_hog(daemon, "keepalive", uid=SECOND_HOG_UID)
         try:
@@ -249,10 +251,31 @@ def test_when_hogs_of_several_uids_fill_the_shared_connections_everyone_still_ge
                    f"{raw.count(200)}/10, modelctl resolve as uid {OTHER_UID} "
                    f"{other_ok}/{LEGIT_CTL}")
         print("\n" + summary)
-        assert held_first == PER_PEER, summary
+        assert held_first == 64, summary
         assert sum(hogs.values()) <= 80 - 8, summary
-        assert hogs[SECOND_HOG_UID] >= 80 - 8 - PER_PEER, summary
-        assert max(hogs.values()) <= PER_PEER, summary
+        assert hogs[SECOND_HOG_UID] >= 80 - 8 - 64, summary
+        assert max(hogs.values()) <= 64, summary
         assert root_ok == LEGIT_CTL and raw.count(200) == 10, summary
         assert other_ok == LEGIT_CTL, summary
         assert daemon.log_events("http_connection_evicted"), daemon.log_tail()
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("kind", ["keepalive", "follow"])
+def test_long_66_modelctl_calls_over_40_s_while_1030_connections_are_held(
+    daemon: DaemonProcess, kind: str,
+) -> None:
+    """The issue's figure: 66 ``modelctl resolve`` calls (0 succeeded before) over a hold
+    longer than the idle timeout, the keep-alive hog sending a request every 5 s."""
+    hog, held = start_hog(daemon, kind, every=5.0)
+    ok = 0
+    try:
+        deadline = time.monotonic() + 40.0
+        for i in range(66):
+            ok += modelctl_resolve(daemon, None if i % 2 else OTHER_UID)
+            time.sleep(max(0.0, (deadline - time.monotonic()) / (66 - i) - 0.3))
+    finally:
+        stop_hog(hog)
+    summary = f"[hogs, long] {kind}: hog holds {held}; modelctl resolve succeeded {ok}/66"
+    print("\n" + summary)
+    assert ok == 66, summary
