@@ -107,7 +107,9 @@ def hogged_daemon(max_connections: int = 1024,
     with short_tempdir("md-hog-") as work:
         models = [{"id": "f", "provider": "local_file", "role": "default", "primary": True,
                    "local_path": str(write_gguf(work / "f.gguf"))}]
-        config = daemon_config(work, models, control=control)
+        # no [control] table at all when nothing is overridden: the same test then runs on
+        # a daemon that predates the table, for the before figures
+        config = daemon_config(work, models, **({"control": control} if control else {}))
         config["daemon"]["max_connections"] = max_connections
         config["daemon"]["socket_mode"] = "0666"  # any local user may connect (and read)
         config["daemon"]["admin_group"] = ""
