@@ -30,13 +30,15 @@ from typing import Any
 
 import anyio
 import pytest
+import structlog
 from reliability_support import clean_env, read_valid_state
+from structlog.testing import capture_logs
 
 from daemon.config import ConfigError, parse_config
 from daemon.service import reload as reload_module
 from daemon.service.lifecycle import Daemon
 from daemon.testing.fakes import write_gguf
-from daemon.testing.harness import DaemonProcess, daemon_config, wait_for
+from daemon.testing.harness import DaemonProcess, daemon_config, request, wait_for
 
 
 def file_models(work: Path, names: tuple[str, ...] = ("a", "b")) -> list[dict[str, Any]]:
@@ -83,6 +85,40 @@ async def test_a_daemon_bug_during_reload_is_not_blamed_on_the_config(
         await daemon.reload(actor="test")
     kinds = [event.kind.value for event in daemon.registry.events_since(0)]
     assert "config_reload_failed" in kinds, kinds
+
+
+@pytest.mark.anyio
+async def test_a_daemon_bug_during_a_sighup_reload_is_logged_and_the_daemon_keeps_serving(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with capture_logs() as logs:
+        daemon = in_process_daemon(workdir)
+        daemon.log = structlog.get_logger("modeld")
+        outcome: list[int] = []
+
+        async def run() -> None:
+            outcome.append(await daemon.run())
+
+        def broken_loader(path: str) -> Any:
+            raise RuntimeError("a bug in the daemon, not in the file")
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(run)
+            with anyio.fail_after(10):
+                while not any(e["event"] == "daemon_started" for e in logs):
+                    await anyio.sleep(0.01)
+                monkeypatch.setattr(reload_module, "load_config", broken_loader)
+                os.kill(os.getpid(), signal.SIGHUP)
+                while not any(e["event"] == "config_reload_crashed" for e in logs):
+                    await anyio.sleep(0.01)
+            assert not outcome, "the daemon stopped after a bug in a SIGHUP reload"
+            status, _ = await anyio.to_thread.run_sync(
+                request, daemon.socket_path, "GET", "/api/v1/status")
+            assert status == 200
+            daemon.stop()
+        assert outcome == [0]
+    events = [e["event"] for e in logs]
+    assert "config_reload_failed" not in events, events  # the file is not blamed
 
 
 # ----------------------------------------------------------------------------- final flush
