@@ -165,6 +165,55 @@ def test_a_full_notify_socket_never_blocks_the_sender(
     assert receiver.recv(4096) == b"WATCHDOG=1"
 
 
+def _fill(notifier: Notifier) -> int:
+    sent = 0
+    while notifier.watchdog():
+        sent += 1
+    return sent
+
+
+@pytest.mark.anyio
+async def test_ready_on_a_full_queue_is_retried_until_the_manager_reads(
+    notify_path: tuple[socket.socket, str],
+) -> None:
+    import threading
+
+    receiver, path = notify_path
+    notifier = Notifier(path)
+    with capture_logs():
+        assert _fill(notifier) > 0
+        assert notifier.ready() is False  # the one-shot form drops it
+        drain = threading.Timer(0.2, lambda: [receiver.recv(4096) for _ in range(3)])
+        drain.start()
+        started = time.monotonic()
+        assert await notifier.ready_reliably("up") is True
+        drain.join()
+    assert 0.15 < time.monotonic() - started < 1.0
+    got = []
+    receiver.settimeout(0.2)
+    try:
+        while True:
+            got.append(receiver.recv(4096))
+    except TimeoutError:
+        pass
+    assert b"READY=1\nSTATUS=up" in got
+
+
+@pytest.mark.anyio
+async def test_a_queue_that_stays_full_gives_up_after_a_moment_and_logs_once(
+    notify_path: tuple[socket.socket, str],
+) -> None:
+    _receiver, path = notify_path
+    notifier = Notifier(path)
+    with capture_logs() as logs:
+        _fill(notifier)
+        started = time.monotonic()
+        assert await notifier.stopping_reliably(within=0.2) is False
+        took = time.monotonic() - started
+    assert 0.2 <= took < 0.6
+    assert [entry["event"] for entry in logs] == ["sd_notify_failed"]
+
+
 def test_an_unsupported_address_disables_the_notifier_with_a_warning() -> None:
     with capture_logs() as logs:
         notifier = Notifier("vsock:2:1234")

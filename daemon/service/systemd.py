@@ -153,19 +153,22 @@ class Notifier:
         """Tell the manager shutdown began: STOPPING=1."""
         return self.notify("STOPPING=1", *self._status(status))
 
-    async def ready_reliably(self, status: str | None = None) -> bool:
+    async def ready_reliably(self, status: str | None = None, *,
+                             within: float = RETRY_WITHIN) -> bool:
         """``ready``, retried for a moment while the manager's queue is full."""
-        return await self.notify_reliably("READY=1", *self._status(status))
+        return await self.notify_reliably("READY=1", *self._status(status), within=within)
 
-    async def reloading_reliably(self, status: str | None = None) -> bool:
+    async def reloading_reliably(self, status: str | None = None, *,
+                                 within: float = RETRY_WITHIN) -> bool:
         """``reloading``, retried for a moment while the manager's queue is full."""
         now_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         return await self.notify_reliably("RELOADING=1", f"MONOTONIC_USEC={now_usec}",
-                                          *self._status(status))
+                                          *self._status(status), within=within)
 
-    async def stopping_reliably(self, status: str | None = None) -> bool:
+    async def stopping_reliably(self, status: str | None = None, *,
+                                within: float = RETRY_WITHIN) -> bool:
         """``stopping``, retried for a moment while the manager's queue is full."""
-        return await self.notify_reliably("STOPPING=1", *self._status(status))
+        return await self.notify_reliably("STOPPING=1", *self._status(status), within=within)
 
     def watchdog(self) -> bool:
         """Feed the watchdog: WATCHDOG=1."""
