@@ -54,7 +54,7 @@ SERVER_NAME = b"modeld"
 #: connections being answered "no" at once; beyond this a refused connection is closed
 #: without an answer, so a client reconnecting in a loop cannot pile up descriptors
 _MAX_TURNING_AWAY = 1024
-#: one warning per peer and reason per this many seconds (a hog retrying floods no journal)
+#: one log line per peer and reason per this many seconds (a hog retrying floods no journal)
 _REFUSAL_LOG_INTERVAL = 10.0
 
 
@@ -355,9 +355,12 @@ class HTTPServer:
         victim.evicted = True
         self._evicted += 1
         self._wind_down(victim)
-        self.log.info("http_connection_evicted", uid=victim.peer.uid if victim.peer else None,
-                      held=most, for_uid=newcomer, reason="idle keep-alive connection closed "
-                      "to make room for another peer")
+        uid = _peer_key(victim.peer)
+        suppressed = self._throttle(uid, "evicted")
+        if suppressed is not None:
+            self.log.info("http_connection_evicted", uid=uid, held=most, for_uid=newcomer,
+                          reason="idle keep-alive connection closed to make room for another "
+                          "peer", suppressed_since_last=suppressed)
         return True
 
     def _check_drained(self) -> None:
@@ -366,18 +369,25 @@ class HTTPServer:
 
     def _log_refusal(self, peer: Peer | None, code: str, message: str) -> None:
         """Warn about a refused peer, at most once per peer and reason per interval."""
-        key = (_peer_key(peer), code)
+        suppressed = self._throttle(_peer_key(peer), code)
+        if suppressed is not None:
+            self.log.warning("http_connection_refused", code=code, reason=message,
+                             uid=peer.uid if peer else None, pid=peer.pid if peer else None,
+                             suppressed_since_last=suppressed)
+
+    def _throttle(self, uid: int | None, what: str) -> int | None:
+        """None when a line about ``what`` for ``uid`` was logged within the interval, else
+        how many were left out since the last one (a hog retrying floods no journal)."""
+        key = (uid, what)
         now = time.monotonic()
         last, suppressed = self._refusals_logged.get(key, (-_REFUSAL_LOG_INTERVAL, 0))
         if now - last < _REFUSAL_LOG_INTERVAL:
             self._refusals_logged[key] = (last, suppressed + 1)
-            return
+            return None
         if len(self._refusals_logged) > 4096:
             self._refusals_logged.clear()
         self._refusals_logged[key] = (now, 0)
-        self.log.warning("http_connection_refused", code=code, reason=message,
-                         uid=peer.uid if peer else None, pid=peer.pid if peer else None,
-                         suppressed_since_last=suppressed)
+        return suppressed
 
     async def _turn_away(
         self,
