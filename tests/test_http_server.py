@@ -111,12 +111,13 @@ def _peer_tuple(peer: Peer) -> tuple[int, int, int]:
 
 @asynccontextmanager
 async def running(
-    tmp_path: Path, limits: Limits | None = None, app: App | None = None
+    tmp_path: Path, limits: Limits | None = None, app: App | None = None,
+    is_admin: Any = None,
 ) -> AsyncIterator[tuple[HTTPServer, str, App]]:
     app = app or App()
     path = str(tmp_path / "control.sock")
     listener = await create_unix_listener(path, 0o660)
-    server = HTTPServer(app, limits or Limits())
+    server = HTTPServer(app, limits or Limits(), is_admin=is_admin)
     async with anyio.create_task_group() as tg:
         await tg.start(server.serve, listener)
         try:
@@ -842,3 +843,80 @@ def test_many_threads_hammering_with_garbage_and_requests(threaded_server: tuple
         t.join()
     assert sum(r.startswith(b"HTTP/1.1 200 ") for r in results) == 20
     assert not future.done()
+
+
+# ----------------------------------------------------------------------------- per-peer shares
+
+
+@pytest.mark.anyio
+async def test_a_peer_over_its_connection_share_gets_429_and_an_admin_does_not(
+    tmp_path: Path,
+) -> None:
+    admin = {"now": False}  # every test connection is this process's uid: toggle its role
+    limits = Limits(max_connections=10, max_connections_per_peer=3, admin_reserve=2)
+    async with running(tmp_path, limits, is_admin=lambda peer: admin["now"]) as (server, path,
+                                                                                _app):
+        held = [await RawClient.connect(path) for _ in range(3)]
+        for client in held:
+            assert (await client.reply(request_bytes())).status == 200  # now idle, kept alive
+        refused = parse_raw(await (await RawClient.connect(path)).read_until_closed())
+        assert refused.status == 429
+        assert refused.headers["retry-after"] == "1"
+        error = refused.json()["error"]
+        assert error["code"] == "too_many_connections"
+        assert "max_connections_per_peer" in error["message"]
+        assert server.connections_by_peer() == {os.getuid(): 3}
+        admin["now"] = True  # an admin is held only to the total
+        assert (await get(path)).status == 200
+        for client in held:
+            await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_the_last_connections_are_kept_for_admins(tmp_path: Path) -> None:
+    admin = {"now": True}
+    limits = Limits(max_connections=4, max_connections_per_peer=10, admin_reserve=2)
+    async with running(tmp_path, limits, is_admin=lambda peer: admin["now"]) as (_s, path,
+                                                                                app):
+        # two requests in flight (not idle: nothing to make room with) by non-admins
+        admin["now"] = False
+        busy = [await RawClient.connect(path) for _ in range(2)]
+        for client in busy:
+            await client.send(request_bytes(target="/hold"))
+        with anyio.fail_after(5):
+            while len(app.seen) < 2:
+                await anyio.sleep(0.01)
+        refused = parse_raw(await (await RawClient.connect(path)).read_until_closed())
+        assert refused.status == 503
+        assert "reserved for admins" in refused.json()["error"]["message"]
+        admin["now"] = True
+        assert (await get(path)).status == 200
+        app.release.set()
+        for client in busy:
+            assert (await client.reply()).status == 200
+            await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_streams_per_peer_are_capped_with_429_and_admins_are_not(tmp_path: Path) -> None:
+    admin = {"now": False}
+    limits = Limits(max_streams_per_peer=2, max_connections_per_peer=10)
+    async with running(tmp_path, limits, is_admin=lambda peer: admin["now"]) as (_s, path,
+                                                                                _app):
+        streams = []
+        for _ in range(2):
+            client = await RawClient.connect(path)
+            await client.send(request_bytes(target="/stream"))
+            head = await client.next_event()
+            assert isinstance(head, h11.Response) and head.status_code == 200
+            streams.append(client)
+        third = await get(path, "/stream")
+        assert third.status == 429
+        assert third.json()["error"]["code"] == "too_many_streams"
+        admin["now"] = True
+        client = await RawClient.connect(path)
+        await client.send(request_bytes(target="/stream"))
+        head = await client.next_event()
+        assert isinstance(head, h11.Response) and head.status_code == 200
+        for open_stream in [*streams, client]:
+            await open_stream.aclose()
