@@ -33,7 +33,7 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 #: How long READY=1, RELOADING=1 and STOPPING=1 are retried while the queue is full (seconds).
-RETRY_WITHIN = 1.0
+RETRY_WITHIN = 2.0
 
 SD_LISTEN_FDS_START = 3
 """The first file descriptor systemd passes for socket activation."""
