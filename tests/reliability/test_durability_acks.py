@@ -8,8 +8,10 @@
 - Starting on a full disk with no lock file yet must be the clear exit 73 of an unusable
   state directory, not a traceback.
 
-The disk is a real 1 MB tmpfs filled to the last byte when mount(2) is allowed (root), else
-the injected ENOSPC of ``reliability_support.fault_injection_env``; each test says which ran.
+The full disk is a real 1 MB tmpfs filled to the last byte when mount(2) is allowed (root),
+else the injected ENOSPC of ``reliability_support.fault_injection_env``; the read-only one is
+the injected EROFS (a file system with files open for writing cannot be remounted read-only).
+Each test prints which ran.
 """
 
 from __future__ import annotations
@@ -38,29 +40,36 @@ EX_CANTCREAT = 73
 class FullDisk:
     """The state directory's file system, filled on demand (tmpfs, or injected ENOSPC)."""
 
-    def __init__(self, work: Path, state_dir: Path) -> None:
+    def __init__(self, work: Path, state_dir: Path, trouble: str = "full") -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir = state_dir
+        self.trouble = trouble  # "full", or "read-only"
         self.filler: Path | None = None
         self.flag: Path | None = None
-        why = mount_tmpfs(state_dir, "1m")
+        # a running daemon holds its lock file open for writing, so a real file system cannot
+        # be remounted read-only under it (EBUSY): a read-only disk is always the injected one
+        why = (mount_tmpfs(state_dir, "1m") if trouble == "full"
+               else "a mounted file system busy with open files cannot be remounted read-only")
         self.mounted = why is None
         if self.mounted:
             self.env = clean_env()
             self.note = "a real 1 MB tmpfs on the state directory, filled"
         else:
             self.env, self.flag = fault_injection_env(work, state_dir)
-            self.note = f"injected ENOSPC (tmpfs refused: {why})"
+            errno_name = "EROFS" if trouble == "read-only" else "ENOSPC"
+            self.note = f"injected {errno_name} ({why})"
         print(f"\n[full disk] {self.note}")
 
     def fill(self) -> None:
+        """Break the disk: fill it (or make it read-only)."""
         if self.mounted:
             self.filler = fill_disk(self.state_dir)
         else:
             assert self.flag is not None
-            self.flag.write_text("ENOSPC")
+            self.flag.write_text("EROFS" if self.trouble == "read-only" else "ENOSPC")
 
     def free(self) -> None:
+        """Repair the disk."""
         if self.mounted:
             assert self.filler is not None
             self.filler.unlink()
@@ -74,8 +83,8 @@ class FullDisk:
 
 
 @contextlib.contextmanager
-def full_disk(work: Path, state_dir: Path) -> Iterator[FullDisk]:
-    disk = FullDisk(work, state_dir)
+def full_disk(work: Path, state_dir: Path, trouble: str = "full") -> Iterator[FullDisk]:
+    disk = FullDisk(work, state_dir, trouble)
     try:
         yield disk
     finally:
@@ -89,13 +98,14 @@ def models(work: Path) -> list[dict[str, Any]]:
              "local_path": str(write_gguf(files / f"{name}.gguf"))} for name in ("a", "b")]
 
 
-def test_a_retried_decision_on_a_full_disk_is_never_acknowledged_unsaved(
-    workdir: Path, record_property: Any,
+@pytest.mark.parametrize("trouble", ["full", "read-only"])
+def test_a_retried_decision_on_a_broken_disk_is_never_acknowledged_unsaved(
+    workdir: Path, trouble: str, record_property: Any,
 ) -> None:
     # the flusher must not rescue the state between the requests: make it slow
     config = daemon_config(workdir, models(workdir), daemon={"state_flush_interval": "1h"})
     state_dir = Path(config["daemon"]["state_file"]).parent
-    with full_disk(workdir, state_dir) as disk:
+    with full_disk(workdir, state_dir, trouble) as disk:
         record_property("disk", disk.note)
         daemon = DaemonProcess(workdir, config, env=disk.env)
         acknowledged: dict[str, Any] = {}
