@@ -156,7 +156,7 @@ def test_sigterm_during_a_slow_reload_stops_the_daemon_at_once(workdir: Path) ->
     config = daemon_config(workdir, file_models(workdir), daemon={"shutdown_grace": "1s"})
     daemon = DaemonProcess(workdir, config, env=clean_env())
     fifo = daemon.config_path
-    slow = 3.0  # the new config arrives this long after the reload began
+    slow = 5.0  # the new config arrives this long after the reload began
 
     def write_late() -> None:
         time.sleep(slow)
@@ -188,7 +188,9 @@ def test_sigterm_during_a_slow_reload_stops_the_daemon_at_once(workdir: Path) ->
         took = time.monotonic() - t0
         print(f"\n[reload] SIGTERM during a {slow:g} s reload: stopped in {took:.2f} s")
         assert code == 0, daemon.log_tail()
-        assert took < 1.5, f"SIGTERM waited {took:.1f}s behind the reload (slow: {slow:g}s)"
+        # a clean stop takes a fraction of a second; behind the reload it took `slow`
+        assert took < slow - 2.0, f"SIGTERM waited {took:.1f}s behind the reload (slow: " \
+            f"{slow:g}s)"
         notes = daemon.read_notifications()[seen:]
         assert "STOPPING=1" in notes, notes
         assert "READY=1" not in notes[notes.index("STOPPING=1"):], notes
