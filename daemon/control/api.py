@@ -364,6 +364,8 @@ class ControlAPI:
                                                   actor=actor, reason=body.get("reason", ""))
         if ended is not None:
             await self._persist()
+        else:
+            await self._confirm_saved()  # nothing to release: still no 200 over unsaved state
         return Response.json({"role": params["role"], "released": ended is not None,
                               "hold": None if ended is None else ended.to_json()})
 

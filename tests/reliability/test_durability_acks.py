@@ -160,8 +160,9 @@ def test_a_retried_decision_on_a_broken_disk_is_never_acknowledged_unsaved(
 def test_a_request_that_changes_nothing_still_waits_for_the_write_in_progress(
     workdir: Path,
 ) -> None:
-    """A request that finds nothing to do (auto-upgrade execute) is answered 200 only once the
-    decisions in effect are saved: its success never outruns an earlier failed write."""
+    """A request that finds nothing to do (auto-upgrade execute, release without a hold) is
+    answered 200 only once the decisions in effect are saved: its success never outruns an
+    earlier failed write."""
     config = daemon_config(workdir, models(workdir), daemon={"state_flush_interval": "1h"})
     state_dir = Path(config["daemon"]["state_file"]).parent
     with full_disk(workdir, state_dir) as disk, DaemonProcess(workdir, config,
@@ -170,9 +171,14 @@ def test_a_request_that_changes_nothing_still_waits_for_the_write_in_progress(
         status, _ = daemon.request("POST", "/api/v1/models/promote",
                                    {"model_id": "b", "force": True})
         assert status == 503
-        # the auto-upgrade execute finds nothing to do: still not a 200 over unsaved state
+        # the auto-upgrade execute finds nothing to do, a release finds no hold: still not a
+        # 200 over unsaved state
         status, reply = daemon.request("POST", "/api/v1/models/auto-upgrade/execute", {})
         assert (status, reply.get("error", {}).get("code")) == (503, "state_write_failed"), reply
+        for _ in range(2):  # the first ends the hold the manual promotion set; then none
+            status, reply = daemon.request("POST", "/api/v1/roles/chat/release", {})
+            assert (status, reply.get("error", {}).get("code")) == (503, "state_write_failed"), (
+                reply)
         disk.free()
         status, reply = daemon.request("POST", "/api/v1/models/auto-upgrade/execute", {})
         assert status == 200, reply
