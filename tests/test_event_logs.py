@@ -129,3 +129,23 @@ def test_a_failed_state_write_is_logged_as_an_error_and_counted() -> None:
     assert [(e["event"], e["log_level"], e["error"]) for e in logs] == [
         ("state_write_failed", "error", "No space left on device")]
     assert "modeld_state_write_failures_total 1.0" in metrics.render().decode()
+
+
+def test_forgetting_a_model_drops_every_series_labelled_with_it_and_only_those() -> None:
+    _, metrics = registry_with_fanout()
+    for model_id in ("a", "b"):
+        metrics.probes.labels(model_id, "ok").inc()
+        metrics.gateway_requests.labels("chat_completions", "chat", model_id, "ok").inc()
+        metrics.gateway_first_byte_seconds.labels("chat", model_id).observe(0.01)
+        metrics.gateway_attempts.labels(model_id, "failed").inc()
+        metrics.gateway_failovers.labels("chat", model_id, "refused").inc()
+    metrics.forget_model("b")
+    text = metrics.render().decode()
+    kept = [line for line in text.splitlines() if 'model_id="a"' in line]
+    gone = [line for line in text.splitlines() if 'model_id="b"' in line
+            and not line.startswith(("modeld_model_", "modeld_role_"))]  # collected per scrape
+    assert gone == []
+    for name in ("modeld_probes_total", "modeld_gateway_requests_total",
+                 "modeld_gateway_first_byte_seconds_count", "modeld_gateway_attempts_total",
+                 "modeld_gateway_failovers_total"):
+        assert any(line.startswith(name) for line in kept), name

@@ -20,7 +20,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..core.model import HealthStatus, ProbeStatus
+from ..core.model import HealthStatus
 from ..core.registry import ModelRegistry, NoUsableModel
 from ..core.scoring import expected_latency_ms
 
@@ -134,9 +134,11 @@ class Metrics:
     def forget_model(self, model_id: str) -> None:
         """Drop the series labelled with ``model_id`` (a reload removed the model), so that
         a removed model neither lingers in dashboards nor grows the exposition forever.
-        Metrics labelled by ``model_id`` are listed here."""
-        for outcome in ProbeStatus:
-            self.probes.remove(model_id, outcome.value)
+        Every metric kept here with a ``model_id`` label is listed (the registry's own
+        series are collected afresh at each scrape and need nothing)."""
+        for metric in (self.probes, self.gateway_requests, self.gateway_first_byte_seconds,
+                       self.gateway_attempts, self.gateway_failovers):
+            metric.remove_by_labels({"model_id": model_id})
 
     def render(self) -> bytes:
         """The text exposition format."""
