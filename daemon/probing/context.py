@@ -18,7 +18,8 @@ import hashlib
 import json as jsonlib
 import os
 import time
-from collections.abc import Callable, Hashable, Mapping
+import zlib
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
@@ -60,8 +61,11 @@ def make_http_client(
         trust_env=False,
         limits=limits,
         timeout=httpx.Timeout(probe.timeout),
-        # the pid tells an upstream's operator which modeld instance is probing it
-        headers={"User-Agent": f"{USER_AGENT} (pid {os.getpid()})"},
+        # the pid tells an upstream's operator which modeld instance is probing it; probes
+        # need no compression, and a compressed body is a bomb waiting to go off (decoding,
+        # should a server compress anyway, is done and capped by ProbeContext, not httpx)
+        headers={"User-Agent": f"{USER_AGENT} (pid {os.getpid()})",
+                 "Accept-Encoding": "identity"},
         transport=transport,
     )
 
@@ -86,6 +90,111 @@ def upstream_auth(spec: ModelSpec, environ: Mapping[str, str] | None = None) -> 
         raise UpstreamError(f"api_key_env: environment variable {spec.api_key_env} contains "
                             "control characters")
     return {"Authorization": f"Bearer {key}"}
+
+
+# ----------------------------------------------------------------------------- decoding
+
+#: Decoded bytes produced per step of a decoder: the most any layer holds at once.
+_DECODE_PIECE = 64 * 1024
+#: Content-Encoding layers decoded at most ("gzip, gzip" is two).
+MAX_ENCODING_LAYERS = 2
+_GZIP_WBITS = 16 + zlib.MAX_WBITS
+
+
+class _Inflater:
+    """One Content-Encoding layer (gzip or deflate), decoded in pieces of bounded size.
+
+    Every layer's output is capped at ``cap`` bytes: a compressed body is smaller than the
+    document it decodes to, so no honest reply needs more at any layer, and a bomb stops
+    after ``cap`` bytes of work instead of inflating completely first.
+    """
+
+    def __init__(self, encoding: str, cap: int) -> None:
+        self.encoding = encoding
+        self.cap = cap
+        self.total = 0
+        self._raw_deflate_fallback = encoding == "deflate"
+        wbits = _GZIP_WBITS if encoding in ("gzip", "x-gzip") else zlib.MAX_WBITS
+        self._z = zlib.decompressobj(wbits)
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """The decoded pieces of ``data`` (each at most _DECODE_PIECE bytes)."""
+        while data and not self._z.eof:
+            try:
+                out = self._z.decompress(data, _DECODE_PIECE)
+            except zlib.error as exc:
+                if self._raw_deflate_fallback and self.total == 0:
+                    # "deflate" is often sent without its zlib wrapper (raw deflate)
+                    self._raw_deflate_fallback = False
+                    self._z = zlib.decompressobj(-zlib.MAX_WBITS)
+                    continue
+                raise UpstreamError(f"response body is not valid {self.encoding} "
+                                    f"(Content-Encoding): {exc}") from None
+            self._raw_deflate_fallback = False
+            data = self._z.unconsumed_tail
+            yield from self._counted(out)
+
+    def finish(self) -> Iterator[bytes]:
+        """What the decoder still holds once the input has ended."""
+        while not self._z.eof:
+            try:
+                out = self._z.decompress(b"", _DECODE_PIECE)
+            except zlib.error as exc:
+                raise UpstreamError(f"response body is not valid {self.encoding} "
+                                    f"(Content-Encoding): {exc}") from None
+            if not out:
+                raise UpstreamError(f"response body ends inside its {self.encoding} data "
+                                    "(Content-Encoding): truncated")
+            yield from self._counted(out)
+
+    def _counted(self, out: bytes) -> Iterator[bytes]:
+        self.total += len(out)
+        if self.total > self.cap:
+            raise UpstreamError(f"response too large (> {self.cap} bytes once decoded from "
+                                f"{self.encoding})")
+        if out:
+            yield out
+
+
+def _decoders(header: str, cap: int) -> list[_Inflater]:
+    """The decoders for a Content-Encoding header, outermost (last applied) first."""
+    names = [n.strip().lower() for n in header.split(",")]
+    names = [n for n in names if n and n != "identity"]
+    unknown = [n for n in names if n not in ("gzip", "x-gzip", "deflate")]
+    if unknown:
+        raise UpstreamError(f"response has Content-Encoding {unknown[0][:40]}, which modeld "
+                            "does not decode (it asks for identity)")
+    if len(names) > MAX_ENCODING_LAYERS:
+        raise UpstreamError(f"response has {len(names)} layers of Content-Encoding "
+                            f"({header[:60]}); at most {MAX_ENCODING_LAYERS} are decoded")
+    return [_Inflater(name, cap) for name in reversed(names)]
+
+
+def _decoded(layers: Sequence[_Inflater], data: bytes, final: bool = False) -> Iterator[bytes]:
+    """``data`` (raw bytes from the wire) through every layer, piece by piece."""
+    if not layers:
+        if data:
+            yield data
+        return
+    first, rest = layers[0], layers[1:]
+    for piece in first.feed(data):
+        yield from _decoded(rest, piece)
+    if final:
+        for piece in first.finish():
+            yield from _decoded(rest, piece)
+        yield from _decoded(rest, b"", final=True)
+
+
+async def _raw_chunks(response: httpx.Response, layers: list[_Inflater]) -> Any:
+    """The body as it came from the wire. An in-process transport (``httpx.MockTransport``
+    given ``content=bytes``) hands over a body already read and decoded: that one is yielded
+    as it is, with no layers left to decode."""
+    if response.is_stream_consumed:
+        layers.clear()
+        yield response.content
+        return
+    async for raw in response.aiter_raw():
+        yield raw
 
 
 # ----------------------------------------------------------------------------- single flight
@@ -244,8 +353,20 @@ class ProbeContext:
                     declared = response.headers.get("content-length", "")
                     if declared.isdigit() and int(declared) > cap:
                         raise UpstreamError(f"response too large (> {cap} bytes)")
-                    size = 0
-                    async for chunk in response.aiter_bytes():
+                    # the raw bytes, decoded here: httpx would inflate a whole chunk (and
+                    # every layer of it) before any cap could be checked
+                    layers = _decoders(response.headers.get("content-encoding", ""), cap)
+                    raw_size = size = 0
+                    async for raw in _raw_chunks(response, layers):
+                        raw_size += len(raw)
+                        if raw_size > cap:
+                            raise UpstreamError(f"response too large (> {cap} bytes)")
+                        for chunk in _decoded(layers, raw):
+                            size += len(chunk)
+                            if size > cap:
+                                raise UpstreamError(f"response too large (> {cap} bytes)")
+                            chunks.append(chunk)
+                    for chunk in _decoded(layers, b"", final=True):
                         size += len(chunk)
                         if size > cap:
                             raise UpstreamError(f"response too large (> {cap} bytes)")
