@@ -6,6 +6,8 @@ Shared by the control socket and the front door; plain data, no I/O.
 from __future__ import annotations
 
 import json as jsonlib
+import math
+import re
 from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +66,104 @@ def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **extra}}
 
 
+#: Deepest nesting of arrays and objects a JSON body may have: far beyond any request the
+#: daemon takes, far below what would exhaust the interpreter's recursion limit.
+MAX_JSON_DEPTH = 64
+#: Longest integer literal accepted (a uint64 has 20 digits).
+MAX_JSON_INT_DIGITS = 40
+# a lone surrogate can only come from a \uD800-\uDFFF escape or from the bytes ED A0..BF
+# (which json.loads lets through with "surrogatepass"); a body without either has none
+_SURROGATE_RE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+class _BadNumber(ValueError):
+    pass
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _BadNumber(f"the number {text[:40]} is out of range (not a finite double)")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_JSON_INT_DIGITS:
+        raise _BadNumber(f"an integer of {len(text.lstrip('-'))} digits is out of range "
+                         f"(at most {MAX_JSON_INT_DIGITS})")
+    return int(text)
+
+
+def _no_constant(name: str) -> Any:
+    raise _BadNumber(f"{name} is not a JSON number")
+
+
+def parse_json(body: bytes, what: str) -> Any:
+    """``body`` parsed as strict JSON, or ``HTTPError(400, "invalid_json")`` saying why not.
+
+    Beyond the JSON grammar it refuses what would break the daemon later: nesting deeper than
+    ``MAX_JSON_DEPTH`` (a RecursionError, or an error reply that cannot be written),
+    ``NaN``/``Infinity`` and numbers out of range (``1e999``, integers of thousands of digits),
+    and strings holding a lone surrogate (``"\\ud800"``: valid JSON syntax, but no UTF-8
+    encoding exists for it, so it could not be logged, saved or echoed back).
+    """
+    try:
+        data = jsonlib.loads(body, parse_float=_finite_float, parse_int=_bounded_int,
+                             parse_constant=_no_constant)
+    except UnicodeDecodeError as exc:
+        raise HTTPError(400, "invalid_json", f"{what} is not UTF-8: {exc}") from None
+    except _BadNumber as exc:
+        raise HTTPError(400, "invalid_json", f"{what} is not usable JSON: {exc}") from None
+    except RecursionError:
+        raise HTTPError(400, "invalid_json", f"{what} is nested too deeply (more than "
+                        f"{MAX_JSON_DEPTH} levels of arrays and objects)") from None
+    except ValueError as exc:
+        raise HTTPError(400, "invalid_json", f"{what} is not valid JSON: {exc}") from None
+    depth_possible = body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH
+    if depth_possible or _SURROGATE_RE.search(body):
+        problem = _json_problem(data)
+        if problem:
+            raise HTTPError(400, "invalid_json", f"{what} is not usable JSON: {problem}")
+    return data
+
+
+def _json_problem(data: Any) -> str:
+    """What makes parsed JSON unusable (too deep, a lone surrogate), with where; or ""."""
+    stack: list[tuple[Any, str, int]] = [(data, "$", 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if isinstance(value, str):
+            if not _encodable(value):
+                return f"the string at {where} holds a lone surrogate (not valid Unicode)"
+            continue
+        if isinstance(value, dict):
+            items: Any = value.items()
+        elif isinstance(value, list):
+            items = enumerate(value)
+        else:
+            continue
+        if depth >= MAX_JSON_DEPTH:
+            return (f"nested too deeply at {where} (more than {MAX_JSON_DEPTH} levels of "
+                    "arrays and objects)")
+        for key, item in items:
+            if isinstance(key, str):
+                if not _encodable(key):
+                    return f"a key in {where} holds a lone surrogate (not valid Unicode)"
+                inner = f"{where}.{key}" if len(where) < 200 else where
+            else:
+                inner = f"{where}[{key}]" if len(where) < 200 else where
+            stack.append((item, inner, depth + 1))
+    return ""
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass(slots=True)
 class Request:
     """One HTTP request, complete with its body (bodies are small and capped)."""
@@ -90,15 +190,11 @@ class Request:
         return values[-1] if values else default
 
     def json(self) -> Any:
-        """The body parsed as JSON; an empty body is ``{}``. Raises ``HTTPError(400)``."""
+        """The body parsed as JSON; an empty body is ``{}``. Raises ``HTTPError(400)``
+        naming what is wrong (see :func:`parse_json`)."""
         if not self.body.strip():
             return {}
-        try:
-            return jsonlib.loads(self.body)
-        except UnicodeDecodeError as exc:
-            raise HTTPError(400, "invalid_json", f"request body is not UTF-8: {exc}") from exc
-        except ValueError as exc:
-            raise HTTPError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
+        return parse_json(self.body, "request body")
 
 
 @dataclass(slots=True)
@@ -112,8 +208,12 @@ class Response:
 
     @classmethod
     def json(cls, obj: Any, status: int = 200, headers: Sequence[tuple[str, str]] = ()) -> Response:
-        """Compact UTF-8 JSON, ``application/json``."""
-        body = jsonlib.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+        """Compact UTF-8 JSON, ``application/json``.
+
+        A lone surrogate that reached a reply anyway (from a path, a probe, a saved state) is
+        written as its JSON escape (``\\ud800``) instead of failing the whole reply."""
+        body = jsonlib.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode(
+            "utf-8", "backslashreplace")
         return cls(status, body + b"\n", "application/json", headers)
 
     @classmethod
