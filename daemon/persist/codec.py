@@ -24,6 +24,7 @@ from ..core.registry import (
     RoleState,
 )
 from ..core.settings import Config
+from ..probing.limits import MAX_REASON_CHARS, bounded_facts, bounded_text
 
 
 class StateShapeError(ValueError):
@@ -92,12 +93,16 @@ def from_state(config: Config, data: Mapping[str, Any], now: Now, *,
     """
     try:
         return _from_state(config, data, now, offline_override)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except StateShapeError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError,
+            RecursionError) as exc:
         raise StateShapeError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def _from_state(config: Config, data: Mapping[str, Any], now: Now,
                 offline_override: bool | None) -> ModelRegistry:
+    data = checked_state(data)
     observed = {}
     for model_id, raw in dict(data["models"]).items():
         window = tuple(Sample(bool(ok), None if lat is None else float(lat))
@@ -168,6 +173,199 @@ def check_state_shape(data: Any) -> list[str]:
         if not isinstance(state, dict) or "primary" not in state or "history" not in state:
             problems.append(f"roles.{role} lacks primary or history")
     return problems
+
+
+# ----------------------------------------------------------------------------- checks at load
+
+#: The largest counter or sequence number taken from a state (2**53: exact in every JSON reader).
+MAX_COUNT = 2**53
+#: Times are Unix seconds (or a simulator's virtual seconds): finite, and no later than this.
+MAX_TIME = 1e12
+#: Longest name (actor, action) kept from a state.
+MAX_NAME_CHARS = 200
+
+
+def checked_state(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with every value the decoder uses checked, and every string held to the
+    bounds of :mod:`daemon.probing.limits`; raises StateShapeError naming the first value
+    that cannot be used ("models.a.retired: expected true or false, got 'false'").
+
+    A value is never guessed at: ``"false"`` is not false and ``"12"`` is not 12. Keys the
+    decoder does not know are passed through untouched for it (or a later schema) to judge.
+    """
+    out = dict(data)
+    out["offline_mode"] = _bool(data.get("offline_mode"), "offline_mode")
+    models = {}
+    for model_id, raw in _dict(data.get("models"), "models").items():
+        models[model_id] = _checked_model(raw, f"models.{_where(model_id)}")
+    out["models"] = models
+    roles = {}
+    for role, raw in _dict(data.get("roles"), "roles").items():
+        roles[role] = _checked_role(raw, f"roles.{_where(role)}")
+    out["roles"] = roles
+    out["quarantine"] = {
+        model_id: _time(until, f"quarantine.{_where(model_id)}")
+        for model_id, until in _dict(data.get("quarantine", {}), "quarantine").items()}
+    out["event_seq"] = _count(data.get("event_seq", 0), "event_seq")
+    out["events"] = [_checked_event(e, f"events[{i}]")
+                     for i, e in enumerate(_list(data.get("events", []), "events"))]
+    return out
+
+
+def _checked_model(raw: Any, where: str) -> dict[str, Any]:
+    model = dict(_dict(raw, where))
+    model["status"] = _text(model.get("status"), f"{where}.status", MAX_NAME_CHARS)
+    if model.get("role") is not None:
+        model["role"] = _text(model["role"], f"{where}.role", MAX_NAME_CHARS)
+    for key in ("consecutive_successes", "consecutive_failures", "probes_total",
+                "failures_total"):
+        model[key] = _count(model.get(key, 0), f"{where}.{key}")
+    model["changed_at"] = _opt_time(model.get("changed_at"), f"{where}.changed_at")
+    model["retired"] = _bool(model.get("retired", False), f"{where}.retired")
+    window = []
+    for i, sample in enumerate(_list(model.get("window", []), f"{where}.window")):
+        here = f"{where}.window[{i}]"
+        if not isinstance(sample, list) or len(sample) != 2:
+            raise StateShapeError(f"{here}: expected [ok, latency_ms], got {_show(sample)}")
+        window.append([_bool(sample[0], f"{here}[0]"), _opt_latency(sample[1], f"{here}[1]")])
+    model["window"] = window
+    model["recent"] = [_checked_probe(r, f"{where}.recent[{i}]")
+                       for i, r in enumerate(_list(model.get("recent", []), f"{where}.recent"))]
+    return model
+
+
+def _checked_probe(raw: Any, where: str) -> dict[str, Any]:
+    probe = dict(_dict(raw, where))
+    probe["at"] = _time(probe.get("at"), f"{where}.at")
+    if "status" in probe:
+        probe["status"] = _text(probe["status"], f"{where}.status", MAX_NAME_CHARS)
+    if "ok" in probe:
+        probe["ok"] = _bool(probe["ok"], f"{where}.ok")
+    probe["reason"] = bounded_text(_text(probe.get("reason", ""), f"{where}.reason"))
+    probe["latency_ms"] = _opt_latency(probe.get("latency_ms"), f"{where}.latency_ms")
+    probe["facts"] = bounded_facts(_dict(probe.get("facts") or {}, f"{where}.facts"))
+    return probe
+
+
+def _checked_role(raw: Any, where: str) -> dict[str, Any]:
+    role = dict(_dict(raw, where))
+    role["primary"] = _opt_text(role.get("primary"), f"{where}.primary")
+    stack = []
+    for i, item in enumerate(_list(role.get("stack", []), f"{where}.stack")):
+        here = f"{where}.stack[{i}]"
+        entry = dict(_dict(item, here))
+        entry["from"] = _opt_text(entry.get("from"), f"{here}.from")
+        entry["to"] = _text(entry.get("to"), f"{here}.to", MAX_NAME_CHARS)
+        entry["at"] = _time(entry.get("at"), f"{here}.at")
+        entry["automatic"] = _bool(entry.get("automatic"), f"{here}.automatic")
+        stack.append(entry)
+    role["stack"] = stack
+    history = []
+    for i, item in enumerate(_list(role.get("history", []), f"{where}.history")):
+        here = f"{where}.history[{i}]"
+        entry = dict(_dict(item, here))
+        entry["at"] = _time(entry.get("at"), f"{here}.at")
+        entry["action"] = _text(entry.get("action"), f"{here}.action", MAX_NAME_CHARS)
+        entry["from"] = _opt_text(entry.get("from"), f"{here}.from")
+        entry["to"] = _opt_text(entry.get("to"), f"{here}.to")
+        entry["reason"] = bounded_text(_text(entry.get("reason", ""), f"{here}.reason"))
+        entry["actor"] = _text(entry.get("actor", ""), f"{here}.actor", MAX_NAME_CHARS)
+        history.append(entry)
+    role["history"] = history
+    for key in ("promoted_at", "last_auto_promotion_at"):
+        role[key] = _opt_time(role.get(key), f"{where}.{key}")
+    role["promoted_automatically"] = _bool(role.get("promoted_automatically", False),
+                                           f"{where}.promoted_automatically")
+    return role
+
+
+def _checked_event(raw: Any, where: str) -> dict[str, Any]:
+    event = dict(_dict(raw, where))
+    event["seq"] = _count(event.get("seq"), f"{where}.seq")
+    event["at"] = _time(event.get("at"), f"{where}.at")
+    event["kind"] = _text(event.get("kind"), f"{where}.kind", MAX_NAME_CHARS)
+    for key in ("role", "model_id", "from", "to", "actor"):
+        if event.get(key) is not None:
+            event[key] = _text(event[key], f"{where}.{key}", MAX_NAME_CHARS)
+    event["reason"] = bounded_text(_text(event.get("reason", ""), f"{where}.reason"))
+    event["data"] = bounded_facts(_dict(event.get("data") or {}, f"{where}.data"))
+    return event
+
+
+def _where(key: str) -> str:
+    return bounded_text(key, 60)
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if not isinstance(value, dict | list) else type(value).__name__
+    return bounded_text(text, 60)
+
+
+def _dict(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise StateShapeError(f"{where}: expected an object, got {_show(value)}")
+    return value
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise StateShapeError(f"{where}: expected a list, got {_show(value)}")
+    return value
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise StateShapeError(f"{where}: expected true or false, got {_show(value)}")
+    return value
+
+
+def _count(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise StateShapeError(f"{where}: expected a whole number from 0 to {MAX_COUNT}, "
+                              f"got {_show(value)}")
+    return value
+
+
+def _number(value: Any, where: str, what: str, low: float, high: float) -> float:
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not low <= value <= high):  # NaN fails every comparison
+        raise StateShapeError(f"{where}: expected {what}, got {_show(value)}")
+    return float(value)
+
+
+def _time(value: Any, where: str) -> float:
+    return _number(value, where, f"a time in seconds (at most {MAX_TIME:g})", -MAX_TIME,
+                   MAX_TIME)
+
+
+def _opt_time(value: Any, where: str) -> float | None:
+    return None if value is None else _time(value, where)
+
+
+def _opt_latency(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    return _number(value, where, "a latency in ms (0 to 1e9) or null", 0.0, 1e9)
+
+
+def _text(value: Any, where: str, limit: int = MAX_REASON_CHARS) -> str:
+    if not isinstance(value, str):
+        raise StateShapeError(f"{where}: expected a string, got {_show(value)}")
+    text = bounded_text(value, limit)
+    # a lone surrogate ("\ud800" in the file) has no UTF-8 form: logs and replies need one
+    return text if _encodable(text) else text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _opt_text(value: Any, where: str) -> str | None:
+    return None if value is None else _text(value, where, MAX_NAME_CHARS)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _opt_float(value: Any) -> float | None:

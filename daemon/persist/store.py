@@ -3,8 +3,11 @@
 Writing follows atomicwrites / pip's ``adjacent_tmp_file``: a temp file in the same
 directory, write, flush, fsync, set the mode, ``os.replace``, fsync the directory; the temp
 file is removed on any error, so the old state stays intact. Loading keeps a corrupt file
-aside as ``<name>.corrupt-<UTC time>`` and starts fresh; a file from a newer schema is refused,
-never overwritten. An exclusive ``flock`` on ``<name>.lock`` allows one daemon per state file.
+aside as ``<name>.corrupt-<UTC time>`` and starts fresh — a file that is not JSON the daemon
+could write back (NaN, ``1e999``), anything but a regular file at the path (a FIFO is never
+read, so it cannot hang the start), a file over ``MAX_STATE_BYTES``; the codec does the same
+for a value it cannot use. A file from a newer schema is refused, never overwritten. An
+exclusive ``flock`` on ``<name>.lock`` allows one daemon per state file.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +27,11 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 STATE_MODE = 0o640
+#: The largest state file read (far above 10,000 models with every string at its bound);
+#: anything larger is set aside, not read into memory.
+MAX_STATE_BYTES = 64 * 1024 * 1024
+#: Longest integer literal in a state (times, counters and sequence numbers have far fewer).
+MAX_STATE_INT_DIGITS = 20
 
 #: Upgrades from an older schema: version → function turning that version's data into the next.
 MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
@@ -144,14 +154,18 @@ class StateStore:
         Raises StateError for a file written by a newer modeld, or one that cannot be read.
         """
         try:
-            raw = self.path.read_bytes()
+            raw = self._read()
         except FileNotFoundError:
             return Loaded(None)
+        except _NotUsable as exc:
+            return self._set_aside(str(exc))
         except OSError as exc:
             raise StateError(f"cannot read state file {self.path}: {exc.strerror or exc}") from None
         try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            data = loads_strict(raw)
+        except RecursionError:
+            return self._set_aside("not usable JSON: nested too deeply")
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a bad number
             return self._set_aside(f"not valid JSON: {exc}")
         version = data.get("schema_version") if isinstance(data, dict) else None
         # bool is an int subclass: a JSON `true` is not a schema version
@@ -173,6 +187,29 @@ class StateStore:
                 version += 1
             data["schema_version"] = SCHEMA_VERSION
         return Loaded(data, migrated_from=migrated_from)
+
+    def _read(self) -> bytes:
+        """The file's bytes. Opened non-blocking and checked to be a regular file first, so
+        a FIFO or a device at the path is set aside instead of hanging the start; at most
+        ``MAX_STATE_BYTES`` are read."""
+        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise _NotUsable(f"{self.path} is {_kind_of(st.st_mode)}, not a regular file")
+            if st.st_size > MAX_STATE_BYTES:
+                raise _NotUsable(f"{st.st_size} bytes, more than a state can be "
+                                 f"({MAX_STATE_BYTES})")
+            chunks = []
+            size = 0
+            while chunk := os.read(fd, 1 << 20):
+                size += len(chunk)
+                if size > MAX_STATE_BYTES:  # growing while read: not ours
+                    raise _NotUsable(f"more than {MAX_STATE_BYTES} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
 
     def set_aside(self, problem: str) -> Loaded:
         """Keep the current file aside as corrupt (for data that parsed but made no sense)."""
@@ -232,6 +269,44 @@ class StateStore:
         content = self.encode(data, now)
         self.write_bytes(content)
         return len(content)
+
+
+class _NotUsable(Exception):
+    """What is at the state path cannot be a state (the message says why)."""
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range (not a finite double)")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > MAX_STATE_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits is out of range")
+    return int(text)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number (a state holds finite numbers only)")
+
+
+def loads_strict(raw: bytes) -> Any:
+    """``raw`` parsed as JSON the daemon can write back: no NaN, no Infinity, no number out
+    of range (``1e999``), no integer of more than ``MAX_STATE_INT_DIGITS`` digits. Raises
+    ValueError (or RecursionError for absurd nesting)."""
+    return json.loads(raw, parse_float=_finite_float, parse_int=_bounded_int,
+                      parse_constant=_no_constant)
+
+
+def _kind_of(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -1,0 +1,130 @@
+"""The bounds on what an upstream can make the daemon keep: one sanitiser for every result.
+
+A server decides what its replies hold (``owned_by``, Ollama's ``details``, error messages);
+a probe copies some of it into a :class:`~daemon.core.model.ProbeResult`, the registry keeps
+it in memory, the API shows it and the state file saves it. Nothing a server sends may grow
+any of those without bound, so every result is passed through :func:`bounded_result` where it
+leaves the prober (whatever plugin built it), and every saved probe and event through
+:func:`bounded_facts` / :func:`bounded_text` where the state is decoded (a file written
+before these bounds, or edited by hand, is held to the same).
+
+Pure functions, no I/O: they may be called from anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from ..core.model import ProbeResult
+from .replies import MAX_REASON_CHARS
+
+__all__ = ["MAX_REASON_CHARS", "bounded_facts", "bounded_result", "bounded_text",
+           "bounded_value"]
+
+#: Longest string value of a fact (``owned_by``, a version, a quantization level, ...).
+MAX_FACT_TEXT_CHARS = 200
+#: Longest fact name.
+MAX_FACT_KEY_CHARS = 64
+#: Facts kept per result; the rest are dropped and counted in ``facts_dropped``.
+MAX_FACTS = 32
+#: Items kept of a list fact (each bounded like a fact of its own, lists inside as text).
+MAX_FACT_ITEMS = 16
+#: Integers beyond this magnitude are kept as (bounded) text: JSON readers disagree past it.
+MAX_FACT_INT = 2**63
+
+_CUT = "…"
+
+
+def bounded_text(text: Any, limit: int = MAX_REASON_CHARS) -> str:
+    """``text`` as a string of at most ``limit`` characters (cut ones end with "…")."""
+    line = text if isinstance(text, str) else str(text)
+    return line if len(line) <= limit else line[: limit - 1] + _CUT
+
+
+def bounded_value(value: Any, *, nested: bool = False) -> Any:
+    """One fact's value as the daemon keeps it: JSON-safe and bounded.
+
+    Strings are cut at ``MAX_FACT_TEXT_CHARS``; finite numbers and booleans are kept
+    (non-finite floats and integers past ``MAX_FACT_INT`` become text); a list keeps its
+    first ``MAX_FACT_ITEMS`` items; anything else (a mapping, a list inside a list, an
+    object) becomes its bounded text.
+    """
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if -MAX_FACT_INT <= value <= MAX_FACT_INT else _int_text(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, str):
+        return bounded_text(value, MAX_FACT_TEXT_CHARS)
+    if isinstance(value, list | tuple) and not nested:
+        return [bounded_value(item, nested=True) for item in value[:MAX_FACT_ITEMS]]
+    return bounded_text(_short_repr(value), MAX_FACT_TEXT_CHARS)
+
+
+def bounded_facts(facts: Any) -> dict[str, Any]:
+    """A probe's facts, bounded: at most ``MAX_FACTS`` entries of bounded names and values."""
+    if not isinstance(facts, Mapping):
+        return {}
+    out: dict[str, Any] = {}
+    dropped = 0
+    for key, value in facts.items():
+        if len(out) >= MAX_FACTS:
+            dropped += 1
+            continue
+        out[bounded_text(key, MAX_FACT_KEY_CHARS)] = bounded_value(value)
+    if dropped:
+        out["facts_dropped"] = dropped
+    return out
+
+
+def bounded_result(result: ProbeResult) -> ProbeResult:
+    """``result`` with its reason and facts held to the bounds above (the same object when
+    it already is)."""
+    reason = bounded_text(result.reason, MAX_REASON_CHARS)
+    facts = bounded_facts(result.facts)
+    if reason == result.reason and facts == dict(result.facts):
+        return result
+    return ProbeResult(result.status, result.latency_ms, reason, MappingProxyType(facts))
+
+
+def _int_text(value: int) -> str:
+    # str() of a huge int is quadratic (and refused past 4,300 digits): say its size instead
+    digits = math.floor(value.bit_length() * math.log10(2)) + 1
+    return f"{'-' if value < 0 else ''}<integer of about {digits} digits>"
+
+
+def _short_repr(value: Any) -> str:
+    """Text for a value that is not a JSON scalar; built from a bounded part only, so a huge
+    mapping costs no more than the bound."""
+    if isinstance(value, Mapping):
+        parts = []
+        for n, (key, item) in enumerate(value.items()):
+            if n >= MAX_FACT_ITEMS:
+                parts.append("…")
+                break
+            parts.append(f"{bounded_text(key, MAX_FACT_KEY_CHARS)}: "
+                         f"{bounded_text(_scalar_text(item), MAX_FACT_TEXT_CHARS)}")
+        return "{" + ", ".join(parts) + "}"
+    if isinstance(value, list | tuple):
+        items = [bounded_text(_scalar_text(item), MAX_FACT_TEXT_CHARS)
+                 for item in value[:MAX_FACT_ITEMS]]
+        return "[" + ", ".join(items) + (", …" if len(value) > MAX_FACT_ITEMS else "") + "]"
+    try:
+        return bounded_text(str(value), MAX_FACT_TEXT_CHARS + 1)
+    except Exception:
+        return f"<{type(value).__name__}>"
+
+
+def _scalar_text(value: Any) -> str:
+    if isinstance(value, Mapping | list | tuple):
+        return f"<{type(value).__name__} of {len(value)}>"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_FACT_INT:
+        return _int_text(value)
+    try:
+        return str(value)[: MAX_FACT_TEXT_CHARS + 1]
+    except Exception:
+        return f"<{type(value).__name__}>"
