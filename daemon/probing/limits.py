@@ -14,14 +14,14 @@ Pure functions, no I/O: they may be called from anywhere.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
 from ..core.model import ProbeResult
 from .replies import MAX_REASON_CHARS
 
-__all__ = ["MAX_REASON_CHARS", "bounded_facts", "bounded_result", "bounded_text",
+__all__ = ["MAX_REASON_CHARS", "Mask", "bounded_facts", "bounded_result", "bounded_text",
            "bounded_value"]
 
 #: Longest string value of a fact (``owned_by``, a version, a quantization level, ...).
@@ -38,13 +38,26 @@ MAX_FACT_INT = 2**63
 _CUT = "…"
 
 
-def bounded_text(text: Any, limit: int = MAX_REASON_CHARS) -> str:
-    """``text`` as a string of at most ``limit`` characters (cut ones end with "…")."""
+#: What is kept beyond a bound before a mask runs, so that a secret cut at the first cut is
+#: still whole for the mask, or beyond the final cut (API keys are far shorter).
+MASK_SLACK = 1024
+
+Mask = Callable[[str], str]
+
+
+def bounded_text(text: Any, limit: int = MAX_REASON_CHARS, mask: Mask | None = None) -> str:
+    """``text`` as a string of at most ``limit`` characters (cut ones end with "…").
+
+    ``mask`` (the prober's API-key masking) runs on the text cut to ``limit + MASK_SLACK``
+    and before the final cut, so a cut never leaves part of a secret behind and a huge text
+    costs no more than the bound."""
     line = text if isinstance(text, str) else str(text)
+    if mask is not None:
+        line = mask(line[: limit + MASK_SLACK])
     return line if len(line) <= limit else line[: limit - 1] + _CUT
 
 
-def bounded_value(value: Any, *, nested: bool = False) -> Any:
+def bounded_value(value: Any, *, nested: bool = False, mask: Mask | None = None) -> Any:
     """One fact's value as the daemon keeps it: JSON-safe and bounded.
 
     Strings are cut at ``MAX_FACT_TEXT_CHARS``; finite numbers and booleans are kept
@@ -59,13 +72,13 @@ def bounded_value(value: Any, *, nested: bool = False) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, str):
-        return bounded_text(value, MAX_FACT_TEXT_CHARS)
+        return bounded_text(value, MAX_FACT_TEXT_CHARS, mask)
     if isinstance(value, list | tuple) and not nested:
-        return [bounded_value(item, nested=True) for item in value[:MAX_FACT_ITEMS]]
-    return bounded_text(_short_repr(value), MAX_FACT_TEXT_CHARS)
+        return [bounded_value(item, nested=True, mask=mask) for item in value[:MAX_FACT_ITEMS]]
+    return bounded_text(_short_repr(value, mask), MAX_FACT_TEXT_CHARS, mask)
 
 
-def bounded_facts(facts: Any) -> dict[str, Any]:
+def bounded_facts(facts: Any, mask: Mask | None = None) -> dict[str, Any]:
     """A probe's facts, bounded: at most ``MAX_FACTS`` entries of bounded names and values."""
     if not isinstance(facts, Mapping):
         return {}
@@ -75,18 +88,18 @@ def bounded_facts(facts: Any) -> dict[str, Any]:
         if len(out) >= MAX_FACTS:
             dropped += 1
             continue
-        out[bounded_text(key, MAX_FACT_KEY_CHARS)] = bounded_value(value)
+        out[bounded_text(key, MAX_FACT_KEY_CHARS, mask)] = bounded_value(value, mask=mask)
     if dropped:
         out["facts_dropped"] = dropped
     return out
 
 
-def bounded_result(result: ProbeResult) -> ProbeResult:
+def bounded_result(result: ProbeResult, mask: Mask | None = None) -> ProbeResult:
     """``result`` with its reason and facts held to the bounds above (the same object when
-    it already is)."""
-    reason = bounded_text(result.reason, MAX_REASON_CHARS)
-    facts = bounded_facts(result.facts)
-    if reason == result.reason and facts == dict(result.facts):
+    it already is); ``mask`` is applied to every string on the way (see bounded_text)."""
+    reason = bounded_text(result.reason, MAX_REASON_CHARS, mask)
+    facts = bounded_facts(result.facts, mask)
+    if mask is None and reason == result.reason and facts == dict(result.facts):
         return result
     return ProbeResult(result.status, result.latency_ms, reason, MappingProxyType(facts))
 
@@ -97,7 +110,7 @@ def _int_text(value: int) -> str:
     return f"{'-' if value < 0 else ''}<integer of about {digits} digits>"
 
 
-def _short_repr(value: Any) -> str:
+def _short_repr(value: Any, mask: Mask | None) -> str:
     """Text for a value that is not a JSON scalar; built from a bounded part only, so a huge
     mapping costs no more than the bound."""
     if isinstance(value, Mapping):
@@ -106,15 +119,15 @@ def _short_repr(value: Any) -> str:
             if n >= MAX_FACT_ITEMS:
                 parts.append("…")
                 break
-            parts.append(f"{bounded_text(key, MAX_FACT_KEY_CHARS)}: "
-                         f"{bounded_text(_scalar_text(item), MAX_FACT_TEXT_CHARS)}")
+            parts.append(f"{bounded_text(key, MAX_FACT_KEY_CHARS, mask)}: "
+                         f"{bounded_text(_scalar_text(item), MAX_FACT_TEXT_CHARS, mask)}")
         return "{" + ", ".join(parts) + "}"
     if isinstance(value, list | tuple):
-        items = [bounded_text(_scalar_text(item), MAX_FACT_TEXT_CHARS)
+        items = [bounded_text(_scalar_text(item), MAX_FACT_TEXT_CHARS, mask)
                  for item in value[:MAX_FACT_ITEMS]]
         return "[" + ", ".join(items) + (", …" if len(value) > MAX_FACT_ITEMS else "") + "]"
     try:
-        return bounded_text(str(value), MAX_FACT_TEXT_CHARS + 1)
+        return str(value)[: MAX_FACT_TEXT_CHARS + MASK_SLACK]
     except Exception:
         return f"<{type(value).__name__}>"
 

@@ -26,6 +26,7 @@ import structlog
 from ..core.model import ModelSpec, ProbeResult, ProbeStatus, finite_ms, json_safe
 from ..core.settings import ProbeConfig
 from .context import Log, Probe, ProbeContext, SingleFlight
+from .limits import bounded_result
 from .replies import UpstreamError, one_line
 
 #: Extra time a probe gets beyond its own deadline, so that the deadline of a ``ctx`` request
@@ -106,7 +107,10 @@ class Prober:
             result = ProbeResult.failure(
                 f"probe returned {type(result).__name__}, not ProbeResult"
             )
-        verdict = _normalised(result, _secrets(spec))
+        secrets = _secrets(spec)
+        # bounded first (whatever a server sent, whatever a plugin built), masked on the way
+        verdict = _normalised(bounded_result(result, lambda text: _mask(text, secrets)),
+                              secrets)
         if verdict.latency_ms is None or scope.cancelled_caught:
             verdict = dataclasses.replace(verdict, latency_ms=elapsed_ms())
         return verdict
