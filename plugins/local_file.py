@@ -7,7 +7,9 @@ Then its header, by content (and by extension when the content does not say):
   unsupported), ``uint64`` tensor and metadata counts within sane bounds, every metadata entry
   and tensor description well-formed, and the file long enough for the tensor data the header
   describes (a half-downloaded file fails here).
-- safetensors: ``uint64`` little-endian header length (at most 100,000,000), then a JSON object
+- safetensors: ``uint64`` little-endian header length (at most 8 MiB: real headers are a few
+  hundred kB at most; the format's own 100 MB limit let a hostile file cost a 90 MB parse per
+  check), then a JSON object
   whose entries have ``dtype``, ``shape`` and ``data_offsets`` (``__metadata__`` allowed), and
   tensor data that fits in the file.
 - anything else: existence and readability only.
@@ -16,7 +18,12 @@ The header verdict is cached per file version (device, inode, size, mtime), so a
 costs a ``stat``, an ``open`` and an 8-byte read per probe. An optional ``sha256`` pin is
 hashed in a worker thread once per (path, size, mtime_ns); while an 8 GB file is being hashed
 the probe answers degraded "sha256 verification in progress" instead of timing out. All file
-I/O runs in worker threads, never on the event loop.
+I/O runs in worker threads, never on the event loop, and those threads are bounded: one check
+of a file at a time (a probe that finds one running joins it, so a check slower than the probe
+timeout finishes once and serves the next probe), and at most ``MAX_FILE_THREADS`` checks and
+``MAX_HASH_THREADS`` hashes running, abandoned ones included — a hung NFS ``stat`` fails its
+probes with "still running … (a hung file system?)" and never piles up threads. GGUF values are
+skipped, not read, and the header is bounded at ``MAX_GGUF_HEADER``.
 
 Facts: ``format``, ``version`` (GGUF), ``tensor_count``, ``metadata_count``, ``architecture``
 (GGUF ``general.architecture`` when present), ``size``, ``sha256_verified`` (when pinned).
@@ -24,16 +31,21 @@ Facts: ``format``, ``version`` (GGUF), ``tensor_count``, ``metadata_count``, ``a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import stat
 import struct
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 
 from daemon import ModelSpec, ProbeContext, ProbeResult, Register, hookimpl
 
@@ -45,8 +57,27 @@ GGUF_VERSIONS = (2, 3)
 MAX_GGUF_TENSORS = 1 << 20
 MAX_GGUF_METADATA = 1 << 20
 MAX_GGUF_STRING = 1 << 26
-MAX_SAFETENSORS_HEADER = 100_000_000
+#: Items of one metadata array of strings (the largest vocabularies have ~260,000 tokens).
+MAX_GGUF_ARRAY_STRINGS = 1 << 21
+#: Bytes of a GGUF header (metadata and tensor descriptions) read at most. Real headers are
+#: a few MB (a 256k-token vocabulary with its merges); the largest carry an embedded
+#: ``tokenizer.huggingface.json`` of up to ~20 MB. Values are skipped, not read, so this
+#: bounds the work of a check, not its memory.
+MAX_GGUF_HEADER = 64 * 1024 * 1024
+#: Longest metadata key read (the spec's keys are short ASCII paths).
+MAX_GGUF_KEY = 1 << 16
+#: Real safetensors headers are small: ~25 kB for a Llama-3-8B shard, a few hundred kB for
+#: a single-file SDXL checkpoint, ~2 MB for a file of 30,000 tensors. (The safetensors
+#: library itself accepts up to 100 MB, which let a hostile file make each check parse
+#: 90 MB of JSON; 8 MiB keeps a wide margin over real files and the parse under ~100 ms.)
+MAX_SAFETENSORS_HEADER = 8 * 1024 * 1024
 HASH_CHUNK = 1 << 20
+#: Worker threads header checks may have running at once, those whose probe gave up
+#: included (a hung NFS ``stat`` never returns): past it, probes fail at once saying so,
+#: instead of leaving one more thread behind per probe.
+MAX_FILE_THREADS = 4
+#: Threads hashing pinned files at once (a hash of an 8 GB file takes a while, legitimately).
+MAX_HASH_THREADS = 2
 
 # GGUF metadata value types and the byte sizes of the fixed-size ones.
 _GGUF_STRING = 8
@@ -95,14 +126,25 @@ class _Reader:
     def u64(self) -> int:
         return int(struct.unpack("<Q", self.read(8))[0])
 
-    def string(self) -> bytes:
+    def string(self, keep: int = MAX_GGUF_KEY) -> bytes | None:
+        """A string: its bytes when at most ``keep`` long, else skipped (None)."""
         length = self.u64()
         if length > MAX_GGUF_STRING:
             raise InvalidHeader(f"corrupt {self.what}: a string of {length} bytes")
+        if length > keep:
+            self.skip(length)
+            return None
         return self.read(length)
 
     def skip(self, size: int) -> None:
         self.handle.seek(size, os.SEEK_CUR)
+        self.bounded()
+
+    def bounded(self) -> None:
+        """Raise InvalidHeader once the header has grown past MAX_GGUF_HEADER."""
+        if self.handle.tell() > MAX_GGUF_HEADER:
+            raise InvalidHeader(f"{self.what} is larger than {MAX_GGUF_HEADER} bytes, far "
+                                "beyond any real model's")
 
 
 def _gguf_value(reader: _Reader, kind: int, depth: int = 0) -> Any:
@@ -110,7 +152,7 @@ def _gguf_value(reader: _Reader, kind: int, depth: int = 0) -> Any:
         raw = reader.read(_GGUF_SCALAR_SIZES[kind])
         return raw if kind != 4 else struct.unpack("<I", raw)[0]
     if kind == _GGUF_STRING:
-        return reader.string()
+        return reader.string(keep=256)  # only short values are looked at (the architecture)
     if kind == _GGUF_ARRAY and depth < 3:
         item_kind = reader.u32()
         count = reader.u64()
@@ -119,10 +161,13 @@ def _gguf_value(reader: _Reader, kind: int, depth: int = 0) -> Any:
             return None
         if item_kind not in (_GGUF_STRING, _GGUF_ARRAY):
             raise InvalidHeader(f"corrupt {reader.what}: array of unknown type {item_kind}")
-        if count > MAX_GGUF_STRING:
+        if count > MAX_GGUF_ARRAY_STRINGS:
             raise InvalidHeader(f"corrupt {reader.what}: array of {count} items")
-        for _ in range(count):
+        for n in range(count):
             _gguf_value(reader, item_kind, depth + 1)
+            if n & 0xFFFF == 0:
+                reader.bounded()
+        reader.bounded()
         return None
     raise InvalidHeader(f"corrupt {reader.what}: unknown metadata type {kind}")
 
@@ -159,6 +204,9 @@ def check_gguf(handle: BinaryIO, size: int) -> dict[str, Any]:
     alignment = 32
     for _ in range(metadata_count):
         key = reader.string()
+        if key is None:
+            raise InvalidHeader(f"corrupt GGUF header: a metadata key longer than "
+                                f"{MAX_GGUF_KEY} bytes")
         kind = reader.u32()
         value = _gguf_value(reader, kind)
         if key == b"general.architecture" and isinstance(value, bytes):
@@ -168,8 +216,10 @@ def check_gguf(handle: BinaryIO, size: int) -> dict[str, Any]:
     if handle.tell() > size:
         raise InvalidHeader("truncated GGUF header (file ends inside the metadata)")
     data_needed = 0
-    for _ in range(tensor_count):
-        reader.string()
+    for n in range(tensor_count):
+        reader.string(keep=0)
+        if n & 0xFFF == 0:
+            reader.bounded()
         n_dims = reader.u32()
         if n_dims > 8:
             raise InvalidHeader(f"corrupt GGUF header: a tensor with {n_dims} dimensions")
@@ -181,6 +231,7 @@ def check_gguf(handle: BinaryIO, size: int) -> dict[str, Any]:
         block = _GGML_BLOCKS.get(ggml_type)
         nbytes = (elements + block[0] - 1) // block[0] * block[1] if block else 0
         data_needed = max(data_needed, offset + nbytes)
+    reader.bounded()
     data_start = (handle.tell() + alignment - 1) // alignment * alignment
     if tensor_count and data_start + data_needed > size:
         raise InvalidHeader(
@@ -196,7 +247,8 @@ def check_safetensors(handle: BinaryIO, size: int) -> dict[str, Any]:
     header_len = reader.u64()
     if header_len > MAX_SAFETENSORS_HEADER:
         raise InvalidHeader(
-            f"safetensors header length {header_len} exceeds {MAX_SAFETENSORS_HEADER}"
+            f"safetensors header length {header_len} exceeds {MAX_SAFETENSORS_HEADER} "
+            "bytes (real files need far less: a hostile or corrupt file)"
         )
     if 8 + header_len > size:
         raise InvalidHeader(
@@ -206,6 +258,8 @@ def check_safetensors(handle: BinaryIO, size: int) -> dict[str, Any]:
         header = json.loads(reader.read(header_len).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidHeader(f"safetensors header is not JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidHeader("safetensors header is not JSON: nested too deeply") from None
     if not isinstance(header, dict):
         raise InvalidHeader("safetensors header is not a JSON object")
     data_size = size - 8 - header_len
@@ -316,50 +370,149 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
+# ----------------------------------------------------------------------------- threads
+
+
+class WorkersBusy(Exception):
+    """Every thread file checks may use is still running; the message says so."""
+
+
+@dataclass(slots=True)
+class _Job:
+    key: str
+    started: float  # time.monotonic()
+    finished: anyio.Event
+    result: Any = None
+    error: BaseException | None = None
+
+
+class FileWorkers:
+    """Blocking file work in daemon threads: one job per key (a file) at a time, and at most
+    ``limit`` threads alive, counting those whose caller gave up.
+
+    A thread blocked in the kernel (a hung NFS ``stat``) cannot be cancelled; all a caller
+    can do is stop waiting. So a caller that finds the job for its key still running joins
+    it instead of starting another, and once ``limit`` jobs are running nobody starts one:
+    a hung file system costs at most ``limit`` threads, however long it hangs. The threads
+    are daemon threads, so one stuck in the kernel never holds the daemon's exit.
+    """
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.limit = limit
+        self.what = what
+        self._lock = threading.Lock()
+        self._jobs: dict[str, _Job] = {}
+
+    @property
+    def running(self) -> int:
+        """Jobs whose thread has not returned yet."""
+        with self._lock:
+            return len(self._jobs)
+
+    def running_since(self, key: str) -> float | None:
+        """When the running job for ``key`` started (monotonic), or None."""
+        with self._lock:
+            job = self._jobs.get(key)
+        return None if job is None else job.started
+
+    async def run(self, key: str, work: Callable[[], Any], wait: float) -> _Job:
+        """The job for ``key`` (started with ``work`` unless one is running), awaited for at
+        most ``wait`` seconds: check ``job.finished`` and ``job.result``/``job.error``.
+        Raises WorkersBusy when a new job is needed and ``limit`` are running."""
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is None:
+                if len(self._jobs) >= self.limit:
+                    oldest = min(j.started for j in self._jobs.values())
+                    raise WorkersBusy(
+                        f"{len(self._jobs)} {self.what} still running, the oldest for "
+                        f"{time.monotonic() - oldest:.0f}s (a hung file system?); not starting "
+                        "another")
+                job = _Job(key, time.monotonic(), anyio.Event())
+                self._jobs[key] = job
+                token = anyio.lowlevel.current_token()
+                thread = threading.Thread(target=self._run, args=(job, work, token),
+                                          name=f"modeld-{NAME}", daemon=True)
+                thread.start()
+        with anyio.move_on_after(max(0.0, wait)):
+            await job.finished.wait()
+        return job
+
+    def _run(self, job: _Job, work: Callable[[], Any], token: Any) -> None:
+        try:
+            job.result = work()
+        except BaseException as exc:  # handed to the caller, who reports it
+            job.error = exc
+        finally:
+            with self._lock:
+                if self._jobs.get(job.key) is job:
+                    del self._jobs[job.key]
+            # wake the waiters; the loop may be gone by now (a caller long since gone, the
+            # daemon stopping): then there is nobody to wake
+            with contextlib.suppress(Exception):
+                anyio.from_thread.run_sync(job.finished.set, token=token)
+
+
 # ----------------------------------------------------------------------------- the probe
+
+#: Time kept back from a probe's deadline to answer with a precise reason.
+_ANSWER_MARGIN = 0.05
 
 
 class LocalFileProbe:
     """Probe for model files on disk; caches header verdicts and digests per file version."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # the hashing thread writes the digest caches
+        self._lock = threading.Lock()  # the worker threads write the caches
         self._headers: dict[str, tuple[tuple[int, int, int, int], FileVerdict]] = {}
         self._digests: dict[str, tuple[tuple[int, int], str]] = {}
         self._hash_errors: dict[str, tuple[tuple[int, int], str]] = {}
-        self._hashing: dict[str, tuple[int, int]] = {}
+        self._checks = FileWorkers(MAX_FILE_THREADS, "file checks")
+        self._hashes = FileWorkers(MAX_HASH_THREADS, "sha256 hashes")
 
     async def probe(self, spec: ModelSpec, ctx: ProbeContext) -> ProbeResult:
         """The file's health: present, readable, valid header, matching pin."""
         path = os.path.expanduser(spec.local_path)
         if not path:
             return ProbeResult.failure("local_path is not set")
-        st, problem = await anyio.to_thread.run_sync(
-            stat_model_file, path, abandon_on_cancel=True
-        )
+        try:
+            job = await self._checks.run(path, lambda: self._check(path),
+                                         ctx.remaining() - _ANSWER_MARGIN)
+        except WorkersBusy as exc:
+            return ProbeResult.failure(str(exc))
+        if not job.finished.is_set():
+            since = time.monotonic() - job.started
+            return ProbeResult.failure(
+                f"checking {path} is still running after {since:.1f}s (a hung file system?); "
+                "no other check of it is started until it returns")
+        if job.error is not None:
+            raise job.error
+        st, verdict = job.result
         if st is None:
-            return ProbeResult.failure(problem)
-        key = file_key(st)
-        cached = self._headers.get(path)
-        full = cached is None or cached[0] != key
-        verdict = await anyio.to_thread.run_sync(
-            lambda: inspect_model_file(path, st.st_size, full=full), abandon_on_cancel=True
-        )
+            return ProbeResult.failure(verdict.reason)
         if verdict.reason:
-            if full:
-                self._headers[path] = (key, verdict)
             return ProbeResult.failure(verdict.reason, size=st.st_size)
-        if full:
-            self._headers[path] = (key, verdict)
-        else:
-            assert cached is not None
-            verdict = cached[1]
-            if verdict.reason:
-                return ProbeResult.failure(verdict.reason, size=st.st_size)
         facts = {**verdict.facts, "size": st.st_size}
         if not spec.sha256:
             return ProbeResult.healthy(**facts)
         return await self._check_pin(path, (st.st_size, st.st_mtime_ns), spec.sha256, ctx, facts)
+
+    def _check(self, path: str) -> tuple[os.stat_result | None, FileVerdict]:
+        """Stat the file and, for a version not seen before, validate its header. Blocking:
+        runs in a worker thread."""
+        st, problem = stat_model_file(path)
+        if st is None:
+            return None, FileVerdict(problem)
+        key = file_key(st)
+        with self._lock:
+            cached = self._headers.get(path)
+        if cached is not None and cached[0] == key:
+            readable = inspect_model_file(path, st.st_size, full=False)
+            return st, readable if readable.reason else cached[1]
+        verdict = inspect_model_file(path, st.st_size, full=True)
+        with self._lock:
+            self._headers[path] = (key, verdict)
+        return st, verdict
 
     async def _check_pin(
         self,
@@ -372,17 +525,14 @@ class LocalFileProbe:
         expected = expected.lower()
         digest = self._cached_digest(path, version)
         if digest is None:
-            with self._lock:
-                started = self._hashing.get(path) == version
-                if not started:
-                    self._hashing[path] = version
-            if not started:
-                # The thread outlives this probe if the file is big; the next probes then
-                # find "in progress" and, once it is done, the cached digest.
-                with anyio.move_on_after(max(0.0, ctx.remaining() - 0.05)):
-                    await anyio.to_thread.run_sync(
-                        self._hash_into_cache, path, version, abandon_on_cancel=True
-                    )
+            # the hash outlives this probe if the file is big; the next probes then find it
+            # running ("in progress") and, once it is done, the cached digest. One hash of a
+            # file at a time, whatever its version: a new version waits for the old hash.
+            already = self._hashes.running_since(path) is not None
+            # all hash threads busy: reported as in progress below until a slot frees
+            with contextlib.suppress(WorkersBusy):
+                await self._hashes.run(path, lambda: self._hash_into_cache(path, version),
+                                       0.0 if already else ctx.remaining() - _ANSWER_MARGIN)
             digest = self._cached_digest(path, version)
         if digest is None:
             with self._lock:
@@ -412,12 +562,10 @@ class LocalFileProbe:
         except OSError as exc:
             with self._lock:
                 self._hash_errors[path] = (version, f"cannot hash {path}: {_os_reason(exc)}")
-                self._hashing.pop(path, None)
             return
         with self._lock:
             self._digests[path] = (version, digest)
             self._hash_errors.pop(path, None)
-            self._hashing.pop(path, None)
 
 
 @hookimpl
