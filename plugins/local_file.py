@@ -35,11 +35,12 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import stat
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -255,19 +256,13 @@ def check_safetensors(handle: BinaryIO, size: int) -> dict[str, Any]:
             f"truncated safetensors file: header of {header_len} bytes, file of {size}"
         )
     try:
-        header = json.loads(reader.read(header_len).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        text = reader.read(header_len).decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise InvalidHeader(f"safetensors header is not JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidHeader("safetensors header is not JSON: nested too deeply") from None
-    if not isinstance(header, dict):
-        raise InvalidHeader("safetensors header is not a JSON object")
     data_size = size - 8 - header_len
     tensors = 0
-    for name, entry in header.items():
+    for name, entry in _safetensors_entries(text):
         if name == "__metadata__":
-            if not isinstance(entry, dict):
-                raise InvalidHeader("safetensors __metadata__ is not an object")
             continue
         if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
             raise InvalidHeader(f"safetensors tensor {name!r} has no dtype")
@@ -291,6 +286,98 @@ def check_safetensors(handle: BinaryIO, size: int) -> dict[str, Any]:
             )
         tensors += 1
     return {"format": "safetensors", "tensor_count": tensors}
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+#: Longest entry of one tensor: ``{"dtype": ..., "shape": [...], "data_offsets": [a, b]}``.
+MAX_TENSOR_ENTRY = 4096
+_FLAT_ENTRY = re.compile(r"\{[^{}]{0,%d}\}" % MAX_TENSOR_ENTRY)  # noqa: UP031 - regex braces
+
+
+def _safetensors_entries(text: str) -> Iterator[tuple[str, Any]]:
+    """The header's entries (name, value), decoded one at a time.
+
+    ``json.loads`` of a whole header holds the GIL from start to end: a hostile 8 MB header
+    of tiny objects stalled the event loop for half a second. Decoding entry by entry lets
+    the loop run between entries, and each is bounded: a tensor's entry is one flat object
+    of at most MAX_TENSOR_ENTRY characters; ``__metadata__`` is a map of strings to strings
+    (what the format allows), decoded pair by pair.
+    """
+    decoder = json.JSONDecoder()
+
+    def fail(what: str, pos: int) -> InvalidHeader:
+        return InvalidHeader(f"safetensors header is not JSON: {what} at character {pos}")
+
+    def skip(pos: int) -> int:
+        match = _WS.match(text, pos)
+        return pos if match is None else match.end()
+
+    def string(pos: int, what: str) -> tuple[str, int]:
+        if not text.startswith('"', pos):
+            raise fail(f"expected {what}", pos)
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except ValueError as exc:
+            raise InvalidHeader(f"safetensors header is not JSON: {exc}") from None
+        return value, end
+
+    def members(pos: int, what: str) -> Generator[tuple[str, int], int, int]:
+        """(key, position of its value) for each member of the object opening at ``pos``;
+        the caller decodes each value and sends back the position after it."""
+        pos = skip(pos + 1)
+        if text.startswith("}", pos):
+            return pos + 1
+        while True:
+            key, pos = string(pos, f"a name in {what}")
+            pos = skip(pos)
+            if not text.startswith(":", pos):
+                raise fail("expected ':'", pos)
+            pos = yield key, skip(pos + 1)
+            pos = skip(pos)
+            if text.startswith("}", pos):
+                return pos + 1
+            if not text.startswith(",", pos):
+                raise fail("expected ',' or '}'", pos)
+            pos = skip(pos + 1)
+
+    start = skip(0)
+    if not text.startswith("{", start):
+        if text.startswith("[", start) or text[start:start + 1] in ('"', "-") or (
+                text[start:start + 1].isdigit()):
+            raise InvalidHeader("safetensors header is not a JSON object")
+        raise fail("expected '{'", start)
+    top = members(start, "the header")
+    end = 0
+    try:
+        name, pos = next(top)
+        while True:
+            if name == "__metadata__":
+                if not text.startswith("{", pos):
+                    raise InvalidHeader("safetensors __metadata__ is not an object")
+                meta = members(pos, "__metadata__")
+                try:
+                    _key, at = next(meta)
+                    while True:
+                        _value, after = string(at, "a string value in __metadata__")
+                        _key, at = meta.send(after)
+                except StopIteration as done:
+                    pos = done.value
+                value: Any = None
+            else:
+                if _FLAT_ENTRY.match(text, pos) is None:
+                    raise InvalidHeader(
+                        f"safetensors tensor {name[:80]!r} has no dtype (its entry is not a "
+                        f"flat object of at most {MAX_TENSOR_ENTRY} characters)")
+                try:
+                    value, pos = decoder.raw_decode(text, pos)
+                except ValueError as exc:
+                    raise InvalidHeader(f"safetensors header is not JSON: {exc}") from None
+            yield name, value
+            name, pos = top.send(pos)
+    except StopIteration as done:
+        end = done.value
+    if skip(end) != len(text):  # the format pads the header with spaces, nothing else
+        raise fail("extra data after the header object", skip(end))
 
 
 def _kind_of(mode: int) -> str:

@@ -143,16 +143,18 @@ async def test_threads_left_behind_are_bounded_across_files(
 
 async def test_concurrent_probes_of_one_file_share_one_check(
         tmp_path: Path, hung_paths: dict[str, Any]) -> None:
-    probe_obj = local_file.LocalFileProbe()
-    path = write_gguf(tmp_path / "slow.gguf")
+    path = write_gguf(tmp_path / "slow.gguf")  # its stat takes 100 ms
     results: list[ProbeResult] = []
+    config = ProbeConfig(timeout=2.0)
+    async with make_http_client(config) as client:
+        prober = Prober({"local_file": local_file.LocalFileProbe()}, client, config)
 
-    async def one(i: int) -> None:
-        results.append(await probe(probe_obj, path, f"m{i}"))
+        async def one(i: int) -> None:
+            results.append(await prober.run(spec_for(path, f"m{i}")))
 
-    async with anyio.create_task_group() as tg:
-        for i in range(5):
-            tg.start_soon(one, i)
+        async with anyio.create_task_group() as tg:
+            for i in range(5):
+                tg.start_soon(one, i)
     assert [r.status for r in results] == [ProbeStatus.OK] * 5, [r.reason for r in results]
     assert hung_paths["calls"][str(path)] == 1
     assert hung_paths["running"]["peak"] == 1
@@ -186,3 +188,54 @@ async def test_oversized_gguf_header_is_refused_without_reading_it(tmp_path: Pat
 def test_safetensors_limit_is_what_real_files_use() -> None:
     # real headers: ~25 kB for a Llama-3-8B shard, a few hundred kB for a single-file SDXL
     assert local_file.MAX_SAFETENSORS_HEADER <= 16 * 1024 * 1024
+
+
+async def test_checking_a_large_header_does_not_stall_the_event_loop(tmp_path: Path) -> None:
+    """A header at the limit, of many small valid entries: the check takes a while in its
+    thread, but the event loop keeps running (``json.loads`` of the whole header held the GIL
+    for all of it: ~0.35 s for 8 MB)."""
+    path = write_big_safetensors(tmp_path / "wide.safetensors",
+                                 local_file.MAX_SAFETENSORS_HEADER - 64)
+    worst = 0.0
+    done = anyio.Event()
+
+    async def ticker() -> None:
+        nonlocal worst
+        last = time.perf_counter()
+        while not done.is_set():
+            await anyio.sleep(0.002)
+            now = time.perf_counter()
+            worst = max(worst, now - last)
+            last = now
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        result = await probe(local_file.LocalFileProbe(), path, timeout=10.0)
+        done.set()
+    assert result.status is ProbeStatus.OK, result.reason
+    assert worst < 0.15, f"the event loop stalled {worst * 1000:.0f} ms"
+
+
+@pytest.mark.parametrize(("header", "reason"), [
+    (b'{"__metadata__": {"format": "pt"}, "w": {"dtype": "F32", "shape": [1], '
+     b'"data_offsets": [0, 4]}}    ', ""),
+    (b'{"__metadata__": {"n": 1}}', "string value in __metadata__"),
+    (b'{"__metadata__": []}', "__metadata__ is not an object"),
+    (b'{"w": {"dtype": "F32", "shape": [[[1]]], "data_offsets": [0, 4]}}', "bad shape"),
+    (b'{"w": {"dtype": {"x": 1}, "shape": [1], "data_offsets": [0, 4]}}', "has no dtype"),
+    (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}} {}', "extra data"),
+    (b'{"w" {}}', "expected ':'"),
+    (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}', "expected ',' or '}'"),
+], ids=["valid-padded", "metadata-not-text", "metadata-list", "nested-shape", "nested-dtype",
+        "trailing-data", "no-colon", "unclosed"])
+async def test_safetensors_header_is_decoded_entry_by_entry(
+        tmp_path: Path, header: bytes, reason: str) -> None:
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
+    result = await probe(local_file.LocalFileProbe(), path, timeout=2.0)
+    if not reason:
+        assert result.status is ProbeStatus.OK, result.reason
+        assert result.facts["tensor_count"] == 1
+    else:
+        assert result.status is ProbeStatus.FAILED
+        assert reason in result.reason, result.reason
