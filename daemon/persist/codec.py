@@ -24,7 +24,13 @@ from ..core.registry import (
     RoleState,
 )
 from ..core.settings import Config
-from ..probing.limits import MAX_REASON_CHARS, bounded_facts, bounded_text
+from ..probing.limits import (
+    EVENT_ITEMS,
+    EVENT_TEXT_CHARS,
+    MAX_REASON_CHARS,
+    bounded_facts,
+    bounded_text,
+)
 
 
 class StateShapeError(ValueError):
@@ -288,7 +294,8 @@ def _checked_event(raw: Any, where: str) -> dict[str, Any]:
         if event.get(key) is not None:
             event[key] = _text(event[key], f"{where}.{key}", MAX_NAME_CHARS)
     event["reason"] = bounded_text(_text(event.get("reason", ""), f"{where}.reason"))
-    event["data"] = bounded_facts(_dict(event.get("data") or {}, f"{where}.data"))
+    event["data"] = bounded_facts(_dict(event.get("data") or {}, f"{where}.data"),
+                                  items=EVENT_ITEMS, text=EVENT_TEXT_CHARS)
     return event
 
 

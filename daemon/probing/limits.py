@@ -21,8 +21,8 @@ from typing import Any
 from ..core.model import ProbeResult
 from .replies import MAX_REASON_CHARS
 
-__all__ = ["MAX_REASON_CHARS", "Mask", "bounded_facts", "bounded_result", "bounded_text",
-           "bounded_value"]
+__all__ = ["EVENT_ITEMS", "EVENT_TEXT_CHARS", "MAX_REASON_CHARS", "Mask", "bounded_facts",
+           "bounded_result", "bounded_text", "bounded_value"]
 
 #: Longest string value of a fact (``owned_by``, a version, a quantization level, ...).
 MAX_FACT_TEXT_CHARS = 200
@@ -57,7 +57,14 @@ def bounded_text(text: Any, limit: int = MAX_REASON_CHARS, mask: Mask | None = N
     return line if len(line) <= limit else line[: limit - 1] + _CUT
 
 
-def bounded_value(value: Any, *, nested: bool = False, mask: Mask | None = None) -> Any:
+#: Bounds of an event's data restored from a state: the daemon's own (lists of the models a
+#: reload added, config errors), so more generous than a server's facts.
+EVENT_ITEMS = 4096
+EVENT_TEXT_CHARS = 1000
+
+
+def bounded_value(value: Any, *, nested: bool = False, mask: Mask | None = None,
+                  items: int = MAX_FACT_ITEMS, text: int = MAX_FACT_TEXT_CHARS) -> Any:
     """One fact's value as the daemon keeps it: JSON-safe and bounded.
 
     Strings are cut at ``MAX_FACT_TEXT_CHARS``; finite numbers and booleans are kept
@@ -72,14 +79,17 @@ def bounded_value(value: Any, *, nested: bool = False, mask: Mask | None = None)
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, str):
-        return bounded_text(value, MAX_FACT_TEXT_CHARS, mask)
+        return bounded_text(value, text, mask)
     if isinstance(value, list | tuple) and not nested:
-        return [bounded_value(item, nested=True, mask=mask) for item in value[:MAX_FACT_ITEMS]]
-    return bounded_text(_short_repr(value, mask), MAX_FACT_TEXT_CHARS, mask)
+        return [bounded_value(item, nested=True, mask=mask, items=items, text=text)
+                for item in value[:items]]
+    return bounded_text(_short_repr(value, mask), text, mask)
 
 
-def bounded_facts(facts: Any, mask: Mask | None = None) -> dict[str, Any]:
-    """A probe's facts, bounded: at most ``MAX_FACTS`` entries of bounded names and values."""
+def bounded_facts(facts: Any, mask: Mask | None = None, *, items: int = MAX_FACT_ITEMS,
+                  text: int = MAX_FACT_TEXT_CHARS) -> dict[str, Any]:
+    """A probe's facts, bounded: at most ``MAX_FACTS`` entries of bounded names and values
+    (``items`` and ``text`` bound lists and strings; an event's data uses wider ones)."""
     if not isinstance(facts, Mapping):
         return {}
     out: dict[str, Any] = {}
@@ -88,7 +98,8 @@ def bounded_facts(facts: Any, mask: Mask | None = None) -> dict[str, Any]:
         if len(out) >= MAX_FACTS:
             dropped += 1
             continue
-        out[bounded_text(key, MAX_FACT_KEY_CHARS, mask)] = bounded_value(value, mask=mask)
+        out[bounded_text(key, MAX_FACT_KEY_CHARS, mask)] = bounded_value(
+            value, mask=mask, items=items, text=text)
     if dropped:
         out["facts_dropped"] = dropped
     return out

@@ -189,3 +189,17 @@ def test_the_daemon_starts_past_an_unusable_state_file(workdir: Path, trouble: s
         daemon.wait_health("m", "healthy")
         assert daemon.stop() == 0
         assert json.loads(state_path.read_text())["models"]["m"]["status"] == "healthy"
+
+
+def test_the_daemons_own_event_data_survives_the_bounds(tmp_path: Path) -> None:
+    """A reload that added 100 models: its event keeps the whole list across a restart."""
+    store = StateStore(tmp_path / "state.json")
+    data = saved_state(store)
+    added = [f"model-{i}" for i in range(100)]
+    data["events"][0]["data"] = {"added": added, "errors": ["x" * 400]}
+    store.path.write_text(json.dumps(data))
+    registry, kept = load_like_the_daemon(store)
+    assert kept is None
+    restored = next(e for e in registry.events if e.seq == data["events"][0]["seq"])
+    assert restored.data["added"] == added
+    assert restored.data["errors"] == ["x" * 400]
