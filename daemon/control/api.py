@@ -26,6 +26,7 @@ from .views import model_view, role_summary
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 RESOLVE_CACHE_SIZE = 256  # distinct (role, capabilities) questions remembered
+MAX_BODY_TEXT = 1000  # characters of a string field of a request body (a reason, a model id)
 
 
 class StateNotSaved(Exception):
@@ -87,13 +88,18 @@ def _body_object(request: Request, allowed: Mapping[str, tuple[type, ...]],
                         f"object, got {type(data).__name__}")
     for key, value in data.items():
         if key not in allowed:
-            raise HTTPError(422, "invalid_body", f'unknown field "{key}" '
+            raise HTTPError(422, "invalid_body", f'unknown field "{key[:60]}" '
                             f"(expected: {', '.join(allowed) or 'none'})")
         kinds = allowed[key]
         if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
             names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            shown = value[:60] if isinstance(value, str) else value
             raise HTTPError(422, "invalid_body", f'field "{key}" must be {names}, '
-                            f"got {json.dumps(value)[:60]}")
+                            f"got {json.dumps(shown)[:60]}")
+        if isinstance(value, str) and len(value) > MAX_BODY_TEXT:
+            # a reason is kept in the history and saved with every state write after it
+            raise HTTPError(422, "invalid_body", f'field "{key}" is {len(value)} characters '
+                            f"long; at most {MAX_BODY_TEXT}")
     for key in required:
         if key not in data:
             raise HTTPError(422, "invalid_body", f'field "{key}" is required')

@@ -85,3 +85,23 @@ def test_hostile_bodies_on_the_real_socket_get_400_and_the_daemon_stays(
         assert daemon.state()["roles"] == before
         assert daemon.get("/api/v1/status")["pid"] == daemon.pid
         assert daemon.get("/api/v1/models/offline-mode/status")["offline_mode"] is False
+
+
+def test_long_strings_in_a_body_are_refused_and_never_echoed_whole() -> None:
+    from daemon.control.api import MAX_BODY_TEXT, _body_object
+
+    allowed: dict[str, tuple[type, ...]] = {"model_id": (str,), "reason": (str,)}
+    cases = [
+        (json.dumps({"model_id": "m", "reason": "r" * 500_000}), "at most"),
+        (json.dumps({"k" * 500_000: 1}), "unknown field"),
+        (json.dumps({"model_id": ["x" * 500_000]}), "must be str"),
+    ]
+    for body, says in cases:
+        with pytest.raises(HTTPError) as caught:
+            _body_object(Request("POST", "/api/v1/models/promote", {}, [], body.encode()),
+                         allowed)
+        assert caught.value.status == 422 and says in caught.value.message
+        assert len(caught.value.message) < 300, caught.value.message[:100]
+    ok = _body_object(Request("POST", "/p", {}, [], json.dumps(
+        {"model_id": "m", "reason": "r" * MAX_BODY_TEXT}).encode()), allowed)
+    assert len(ok["reason"]) == MAX_BODY_TEXT
