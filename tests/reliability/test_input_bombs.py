@@ -154,3 +154,60 @@ async def test_double_gzip_bomb_over_a_real_socket_is_capped() -> None:
     assert peak < PEAK_LIMIT, f"{peak / 1e6:.1f} MB allocated"
     assert b"accept-encoding: identity" in received[0].lower()
 
+
+
+def test_the_daemon_probing_a_bomb_stays_small_and_answers_promptly(workdir: Any) -> None:
+    """The real daemon probes a server that answers every request with a 128 MB double-gzip
+    bomb, every 200 ms; its RSS stays under 150 MB and ``resolve`` answers within 100 ms
+    (before: each probe inflated the whole bomb, ~260 MB and ~1 s of blocked event loop)."""
+    import http.server
+    import threading
+    import time
+
+    from reliability_support import clean_env, proc_status_kb
+
+    from daemon.testing.fakes import write_gguf
+    from daemon.testing.harness import DaemonProcess, daemon_config
+
+    bomb = gzip.compress(zeros_gzip(128 * 1024 * 1024), 9)
+
+    class Bomb(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Encoding", "gzip, gzip")
+            self.send_header("Content-Length", str(len(bomb)))
+            self.end_headers()
+            self.wfile.write(bomb)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Bomb)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        gguf = write_gguf(workdir / "ok.gguf")
+        config = daemon_config(workdir, [
+            {"id": "ok", "provider": "local_file", "local_path": str(gguf), "role": "chat",
+             "primary": True},
+            {"id": "bomb", "provider": "openai", "role": "chat",
+             "endpoint": f"http://127.0.0.1:{server.server_port}"},
+        ], probe={"interval": "200ms", "recheck_interval": "100ms", "timeout": "3s"})
+        with DaemonProcess(workdir, config, env=clean_env()) as daemon:
+            daemon.wait_health("ok", "healthy")
+            daemon.wait_health("bomb", "unavailable", timeout=15)
+            worst, peak = 0.0, 0
+            until = time.monotonic() + 1.5
+            while time.monotonic() < until:
+                t0 = time.perf_counter()
+                assert daemon.get("/api/v1/resolve?role=chat")["model_id"] == "ok"
+                worst = max(worst, time.perf_counter() - t0)
+                peak = max(peak, proc_status_kb(daemon.pid))
+                time.sleep(0.02)
+            reason = daemon.model("bomb")["last_probe"]["reason"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "too large" in reason, reason
+    assert peak < 150 * 1024, f"VmRSS reached {peak / 1024:.0f} MB"
+    assert worst < 0.1, f"resolve took {worst * 1000:.0f} ms"
