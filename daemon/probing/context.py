@@ -113,12 +113,14 @@ class _Inflater:
         self.encoding = encoding
         self.cap = cap
         self.total = 0
+        self._fed = False  # an empty body (HEAD, 204) is empty whatever its Content-Encoding
         self._raw_deflate_fallback = encoding == "deflate"
         wbits = _GZIP_WBITS if encoding in ("gzip", "x-gzip") else zlib.MAX_WBITS
         self._z = zlib.decompressobj(wbits)
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         """The decoded pieces of ``data`` (each at most _DECODE_PIECE bytes)."""
+        self._fed = self._fed or bool(data)
         while data and not self._z.eof:
             try:
                 out = self._z.decompress(data, _DECODE_PIECE)
@@ -136,7 +138,7 @@ class _Inflater:
 
     def finish(self) -> Iterator[bytes]:
         """What the decoder still holds once the input has ended."""
-        while not self._z.eof:
+        while self._fed and not self._z.eof:
             try:
                 out = self._z.decompress(b"", _DECODE_PIECE)
             except zlib.error as exc:

@@ -111,6 +111,12 @@ async def test_compressed_reply_within_the_cap_is_decoded() -> None:
         assert reply.body == raw
 
 
+async def test_an_empty_body_with_a_content_encoding_is_empty() -> None:
+    async with bomb_client(b"", "gzip", []) as client:
+        reply = await ProbeContext(client, timeout=5.0).request("GET", "http://u.test/health")
+    assert reply.status == 200 and reply.body == b""
+
+
 async def test_unknown_content_encoding_is_a_clear_failure() -> None:
     async with bomb_client(b"\x28\xb5\x2f\xfd", "zstd", []) as client:
         with pytest.raises(UpstreamError, match=r"Content-Encoding.*zstd"):
