@@ -172,12 +172,14 @@ def check_state_shape(data: Any) -> list[str]:
             problems.append(f"missing key {key}")
         elif not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool)):
             problems.append(f"{key} has the wrong type ({type(data[key]).__name__})")
-    for model_id, model in (data.get("models") or {}).items():
+    models = data.get("models")
+    for model_id, model in (models.items() if isinstance(models, dict) else ()):
         if not isinstance(model, dict) or "status" not in model or "retired" not in model:
-            problems.append(f"models.{model_id} lacks status or retired")
-    for role, state in (data.get("roles") or {}).items():
+            problems.append(f"models.{bounded_text(model_id, 60)} lacks status or retired")
+    roles = data.get("roles")
+    for role, state in (roles.items() if isinstance(roles, dict) else ()):
         if not isinstance(state, dict) or "primary" not in state or "history" not in state:
-            problems.append(f"roles.{role} lacks primary or history")
+            problems.append(f"roles.{bounded_text(role, 60)} lacks primary or history")
     return problems
 
 

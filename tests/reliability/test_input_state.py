@@ -109,6 +109,10 @@ UNUSABLE = [
     ("event_seq", "1.5"),
     ("events.[0].data", "[" * 50_000 + "]" * 50_000),
     ("models.a.recent.[0].facts", '{"x": ' + "[" * 50_000 + "]" * 50_000 + "}"),
+    ("models", "[1, 2]"),
+    ("roles", '"chat"'),
+    ("models.a", "7"),
+    ("events", "{}"),
 ]
 
 
