@@ -46,7 +46,8 @@ Mask = Callable[[str], str]
 
 
 def bounded_text(text: Any, limit: int = MAX_REASON_CHARS, mask: Mask | None = None) -> str:
-    """``text`` as a string of at most ``limit`` characters (cut ones end with "…").
+    """``text`` as a string of at most ``limit`` characters (cut ones end with "…"), lone
+    surrogates replaced by "?".
 
     ``mask`` (the prober's API-key masking) runs on the text cut to ``limit + MASK_SLACK``
     and before the final cut, so a cut never leaves part of a secret behind and a huge text
@@ -54,7 +55,19 @@ def bounded_text(text: Any, limit: int = MAX_REASON_CHARS, mask: Mask | None = N
     line = text if isinstance(text, str) else str(text)
     if mask is not None:
         line = mask(line[: limit + MASK_SLACK])
-    return line if len(line) <= limit else line[: limit - 1] + _CUT
+    if len(line) > limit:
+        line = line[: limit - 1] + _CUT
+    return line if _encodable(line) else line.encode("utf-8", "replace").decode("utf-8")
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` has a UTF-8 form: a lone surrogate (JSON's ``"\\ud800"``, which a
+    server may send) has none, and would break a log line or a reply that holds it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 #: Bounds of an event's data restored from a state: the daemon's own (lists of the models a

@@ -51,7 +51,8 @@ def hostile_upstream(request: httpx.Request) -> httpx.Response:
     if path == "/api/ps":
         return httpx.Response(200, json={"models": [
             {"name": "m:latest", "model": "m:latest", "size_vram": HUGE, "expires_at": HUGE}]})
-    return httpx.Response(404, json={"error": HUGE})
+    return httpx.Response(404, content=b'{"error": "no \\ud800 model ' + HUGE.encode() + b'"}',
+                          headers={"content-type": "application/json"})
 
 
 class WorstFacts:
@@ -111,3 +112,13 @@ async def test_thirty_hostile_servers_make_a_small_state(tmp_path: Any) -> None:
         registry.apply_probe(f"m{i}", result, 1_700_000_000.0 + i)
     size = StateStore(tmp_path / "s.json").write(to_state(registry))
     assert size < 200_000, f"state of {size} bytes for 30 models"
+
+
+async def test_an_upstream_error_with_a_lone_surrogate_becomes_a_usable_reason() -> None:
+    config = ProbeConfig(timeout=5.0)
+    async with make_http_client(config, transport=httpx.MockTransport(hostile_upstream)) as c:
+        result = await Prober(builtin_probes(), c, config).run(
+            spec("m", "openai", endpoint="http://up.test/missing"))
+    assert result.status.value == "failed"
+    result.reason.encode("utf-8")  # a log line or a reply can hold it
+    assert len(result.reason) <= MAX_REASON_CHARS
