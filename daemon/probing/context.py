@@ -56,6 +56,8 @@ def make_http_client(
         max_keepalive_connections=probe.max_concurrent,
         keepalive_expiry=max(30.0, 2 * probe.interval),
     )
+    if transport is None:
+        transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
     return httpx.AsyncClient(
         follow_redirects=False,
         trust_env=False,
@@ -66,8 +68,38 @@ def make_http_client(
         # should a server compress anyway, is done and capped by ProbeContext, not httpx)
         headers={"User-Agent": f"{USER_AGENT} (pid {os.getpid()})",
                  "Accept-Encoding": "identity"},
-        transport=transport,
+        transport=UndecodedTransport(transport),
     )
+
+
+#: Where :class:`UndecodedTransport` moves a response's Content-Encoding.
+RAW_ENCODING_HEADER = "x-modeld-content-encoding"
+
+
+class UndecodedTransport(httpx.AsyncBaseTransport):
+    """A transport whose responses httpx never decompresses.
+
+    httpx inflates a compressed body chunk by chunk, each chunk (and each layer of it)
+    completely, before anyone can count the bytes: a 2 kB double-gzip body becomes 1 GB in
+    one step. This wrapper moves ``Content-Encoding`` to ``X-Modeld-Content-Encoding`` on
+    every response, so httpx hands over the bytes as sent, whoever reads them — a plugin
+    using ``ctx.client`` directly gets the small compressed body, not the bomb — and
+    :class:`ProbeContext` decodes them itself, capped as it goes.
+    """
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        encoding = response.headers.get("content-encoding")
+        if encoding is not None:
+            del response.headers["content-encoding"]
+            response.headers[RAW_ENCODING_HEADER] = encoding
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 def upstream_auth(spec: ModelSpec, environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -357,7 +389,9 @@ class ProbeContext:
                         raise UpstreamError(f"response too large (> {cap} bytes)")
                     # the raw bytes, decoded here: httpx would inflate a whole chunk (and
                     # every layer of it) before any cap could be checked
-                    layers = _decoders(response.headers.get("content-encoding", ""), cap)
+                    encoding = response.headers.get(
+                        RAW_ENCODING_HEADER, response.headers.get("content-encoding", ""))
+                    layers = _decoders(encoding, cap)
                     raw_size = size = 0
                     async for raw in _raw_chunks(response, layers):
                         raw_size += len(raw)

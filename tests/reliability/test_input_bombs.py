@@ -129,15 +129,8 @@ async def test_corrupt_gzip_is_a_clear_failure() -> None:
             await ProbeContext(client, timeout=5.0).get_json("http://u.test/x")
 
 
-async def test_double_gzip_bomb_over_a_real_socket_is_capped() -> None:
-    """The same bomb from a real loopback server, as a probed vLLM would send it."""
-    received: list[bytes] = []
-
-    async def serve(stream: Any) -> None:
-        # the client hangs up once it has read enough: that is the point
-        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-            await answer(stream)
-
+async def bomb_server(received: list[bytes], *, task_status: Any) -> None:
+    """A loopback server answering every request with the double-gzip bomb."""
     async def answer(stream: Any) -> None:
         async with stream:
             request = b""
@@ -149,17 +142,44 @@ async def test_double_gzip_bomb_over_a_real_socket_is_capped() -> None:
                     "connection: close\r\n\r\n").encode()
             await stream.send(head + DOUBLE)
 
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-    port = listener.extra(anyio.abc.SocketAttribute.local_port)  # type: ignore[attr-defined]
-    async with listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, serve)
+    async def serve(stream: Any) -> None:
+        # the client hangs up once it has read enough: that is the point
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            await answer(stream)
+
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+        task_status.started(listener.extra(anyio.abc.SocketAttribute.local_port))
+        await listener.serve(serve)
+
+
+async def test_a_plugin_using_the_client_directly_never_inflates_a_bomb() -> None:
+    """``ctx.client`` is part of the plugin API: httpx must not decode behind its back."""
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(bomb_server, [])
+        async with make_http_client(ProbeConfig()) as client:
+            tracemalloc.start()
+            try:
+                response = await client.get(f"http://127.0.0.1:{port}/v1/models")
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+        tg.cancel_scope.cancel()
+    assert response.content == DOUBLE  # the bytes as sent, small
+    assert response.headers["x-modeld-content-encoding"] == "gzip, gzip"
+    assert peak < PEAK_LIMIT, f"{peak / 1e6:.1f} MB allocated"
+
+
+async def test_double_gzip_bomb_over_a_real_socket_is_capped() -> None:
+    """The same bomb from a real loopback server, as a probed vLLM would send it."""
+    received: list[bytes] = []
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(bomb_server, received)
         async with make_http_client(ProbeConfig()) as client:
             peak, reason = await peak_of_get(client, f"http://127.0.0.1:{port}/v1/models")
         tg.cancel_scope.cancel()
     assert "too large" in reason, reason
     assert peak < PEAK_LIMIT, f"{peak / 1e6:.1f} MB allocated"
     assert b"accept-encoding: identity" in received[0].lower()
-
 
 
 def test_the_daemon_probing_a_bomb_stays_small_and_answers_promptly(workdir: Any) -> None:
