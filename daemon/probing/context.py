@@ -6,6 +6,9 @@
   request share one HTTP exchange, so one ``GET /api/tags`` serves every Ollama model of a
   server. Every exchange is streamed, capped at ``max_response_bytes`` and bounded by the probe's
   deadline as a whole (a server that sends headers and then drips the body still times out).
+  The cap counts *decoded* bytes: probes ask for ``identity``, and a body compressed anyway is
+  decoded here in bounded steps (the client's transport never lets httpx inflate it), so a
+  decompression bomb stops at the cap instead of inflating first.
   Transport problems surface as :class:`~daemon.probing.replies.UpstreamError`, whose
   ``reason`` is one readable line.
 - :class:`Probe` is the protocol a probe plugin implements.
