@@ -297,7 +297,7 @@ def _checked_event(raw: Any, where: str) -> dict[str, Any]:
             event[key] = _text(event[key], f"{where}.{key}", MAX_NAME_CHARS)
     event["reason"] = bounded_text(_text(event.get("reason", ""), f"{where}.reason"))
     event["data"] = bounded_facts(_dict(event.get("data") or {}, f"{where}.data"),
-                                  items=EVENT_ITEMS, text=EVENT_TEXT_CHARS)
+                                  items=EVENT_ITEMS, text=EVENT_TEXT_CHARS, budget=None)
     return event
 
 

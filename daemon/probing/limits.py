@@ -32,6 +32,9 @@ MAX_FACT_KEY_CHARS = 64
 MAX_FACTS = 32
 #: Items kept of a list fact (each bounded like a fact of its own, lists inside as text).
 MAX_FACT_ITEMS = 16
+#: About the characters all of one result's facts may take (real ones take 100 to 300):
+#: keeps even 10,000 models behind hostile servers to a state of a few tens of MB.
+MAX_FACTS_CHARS = 2048
 #: Integers beyond this magnitude are kept as (bounded) text: JSON readers disagree past it.
 MAX_FACT_INT = 2**63
 
@@ -100,22 +103,41 @@ def bounded_value(value: Any, *, nested: bool = False, mask: Mask | None = None,
 
 
 def bounded_facts(facts: Any, mask: Mask | None = None, *, items: int = MAX_FACT_ITEMS,
-                  text: int = MAX_FACT_TEXT_CHARS) -> dict[str, Any]:
-    """A probe's facts, bounded: at most ``MAX_FACTS`` entries of bounded names and values
-    (``items`` and ``text`` bound lists and strings; an event's data uses wider ones)."""
+                  text: int = MAX_FACT_TEXT_CHARS,
+                  budget: int | None = MAX_FACTS_CHARS) -> dict[str, Any]:
+    """A probe's facts, bounded: at most ``MAX_FACTS`` entries of bounded names and values,
+    about ``budget`` characters in all (None: no total; an event's data, the daemon's own,
+    has none, and wider ``items`` and ``text``). Facts past a bound are dropped and counted
+    in ``facts_dropped``."""
     if not isinstance(facts, Mapping):
         return {}
     out: dict[str, Any] = {}
     dropped = 0
+    used = 0
     for key, value in facts.items():
         if len(out) >= MAX_FACTS:
             dropped += 1
             continue
-        out[bounded_text(key, MAX_FACT_KEY_CHARS, mask)] = bounded_value(
-            value, mask=mask, items=items, text=text)
+        name = bounded_text(key, MAX_FACT_KEY_CHARS, mask)
+        kept = bounded_value(value, mask=mask, items=items, text=text)
+        cost = len(name) + _size(kept)
+        if budget is not None and used + cost > budget:
+            dropped += 1
+            continue
+        used += cost
+        out[name] = kept
     if dropped:
         out["facts_dropped"] = dropped
     return out
+
+
+def _size(value: Any) -> int:
+    """About the characters ``value`` takes in JSON (a bounded value: no deep nesting)."""
+    if isinstance(value, str):
+        return len(value) + 2
+    if isinstance(value, list):
+        return 2 + sum(_size(item) + 1 for item in value)
+    return 8
 
 
 def bounded_result(result: ProbeResult, mask: Mask | None = None) -> ProbeResult:

@@ -28,6 +28,7 @@ from daemon.probing.limits import (
     MAX_FACT_KEY_CHARS,
     MAX_FACT_TEXT_CHARS,
     MAX_FACTS,
+    MAX_FACTS_CHARS,
     MAX_REASON_CHARS,
 )
 from daemon.probing.prober import Prober
@@ -76,7 +77,7 @@ def assert_bounded(result: ProbeResult) -> None:
         for item in items:
             assert len(item if isinstance(item, str) else json.dumps(item)) <= (
                 MAX_FACT_TEXT_CHARS), key
-    assert len(json.dumps(dict(result.facts))) < 16_000
+    assert len(json.dumps(dict(result.facts))) < 3_000
 
 
 async def run_probe(provider: str, model: str) -> ProbeResult:
@@ -122,3 +123,14 @@ async def test_an_upstream_error_with_a_lone_surrogate_becomes_a_usable_reason()
     assert result.status.value == "failed"
     result.reason.encode("utf-8")  # a log line or a reply can hold it
     assert len(result.reason) <= MAX_REASON_CHARS
+
+
+def test_ordinary_facts_are_kept_whole() -> None:
+    from daemon.probing.limits import bounded_facts
+
+    facts = {"http_status": 200, "listed": 3, "owned_by": "vllm", "max_model_len": 131072,
+             "family": "llama", "families": ["llama"], "parameter_size": "8.0B",
+             "quantization_level": "Q4_K_M", "loaded": True, "size_vram": 5_000_000_000,
+             "expires_at": "2026-12-02T07:00:00.000000000Z", "server": "vllm 0.6.3"}
+    assert bounded_facts(facts) == facts
+    assert len(json.dumps(facts)) < MAX_FACTS_CHARS
