@@ -73,10 +73,16 @@ class StateStore:
     def lock(self) -> None:
         """Take the exclusive lock; raises StateLocked naming the holder's pid."""
         try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            fd = os.open(self.lock_path,
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY, 0o640)
         except OSError as exc:
             raise StateError(f"cannot create lock file {self.lock_path}: "
                              f"{exc.strerror or exc}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            kind = _kind_of(os.fstat(fd).st_mode)
+            os.close(fd)
+            raise StateError(f"lock file {self.lock_path} is {kind}, not a regular file; "
+                             "remove it (the daemon creates it)")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

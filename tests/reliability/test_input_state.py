@@ -207,3 +207,21 @@ def test_the_daemons_own_event_data_survives_the_bounds(tmp_path: Path) -> None:
     restored = next(e for e in registry.events if e.seq == data["events"][0]["seq"])
     assert restored.data["added"] == added
     assert restored.data["errors"] == ["x" * 400]
+
+
+def test_a_directory_at_the_state_path_is_set_aside(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state.json")
+    store.path.mkdir()
+    (store.path / "inside").write_text("x")
+    _, kept = load_like_the_daemon(store)
+    assert kept is not None and Path(kept).is_dir()
+    assert not store.path.exists()
+
+
+def test_a_fifo_as_the_lock_file_is_a_clear_error(tmp_path: Path) -> None:
+    from daemon.persist.store import StateError
+
+    store = StateStore(tmp_path / "state.json")
+    os.mkfifo(store.lock_path)
+    with pytest.raises(StateError, match="not a regular file"):
+        store.lock()
