@@ -280,10 +280,22 @@ def _checked_role(raw: Any, where: str) -> dict[str, Any]:
         entry["actor"] = _text(entry.get("actor", ""), f"{here}.actor", MAX_NAME_CHARS)
         history.append(entry)
     role["history"] = history
-    for key in ("promoted_at", "last_auto_promotion_at"):
+    for key in ("promoted_at", "last_auto_promotion_at", "last_failback_at"):
         role[key] = _opt_time(role.get(key), f"{where}.{key}")
     role["promoted_automatically"] = _bool(role.get("promoted_automatically", False),
                                            f"{where}.promoted_automatically")
+    role["preferred"] = _opt_text(role.get("preferred"), f"{where}.preferred")
+    if "promotion_kind" in role:
+        role["promotion_kind"] = _text(role["promotion_kind"], f"{where}.promotion_kind",
+                                       MAX_NAME_CHARS)
+    if role.get("hold") is not None:
+        here = f"{where}.hold"
+        hold = dict(_dict(role["hold"], here))
+        hold["by"] = _text(hold.get("by", ""), f"{here}.by", MAX_NAME_CHARS)
+        hold["reason"] = bounded_text(_text(hold.get("reason", ""), f"{here}.reason"))
+        hold["since"] = _time(hold.get("since"), f"{here}.since")
+        hold["until"] = _time(hold.get("until"), f"{here}.until")
+        role["hold"] = hold
     return role
 
 

@@ -109,6 +109,11 @@ UNUSABLE = [
     ("event_seq", "1.5"),
     ("events.[0].data", "[" * 50_000 + "]" * 50_000),
     ("models.a.recent.[0].facts", '{"x": ' + "[" * 50_000 + "]" * 50_000 + "}"),
+    ("roles.chat.hold", '{"by": "x", "reason": "r", "since": 1, "until": NaN}'),
+    ("roles.chat.hold", '{"by": "x", "reason": "r", "since": 1, "until": "never"}'),
+    ("roles.chat.hold", '"held"'),
+    ("roles.chat.preferred", "7"),
+    ("roles.chat.last_failback_at", "Infinity"),
     ("models", "[1, 2]"),
     ("roles", '"chat"'),
     ("models.a", "7"),
@@ -135,6 +140,8 @@ def test_a_valid_state_still_loads_whole(tmp_path: Path) -> None:
     assert registry.roles["chat"].primary == "b"
     assert "a" in registry.quarantined_until
     assert registry.models["a"].health.probes_total == 3
+    hold = registry.roles["chat"].hold
+    assert hold is not None and hold.reason == "faster"  # the operator's hold survives
 
 
 def test_huge_saved_strings_are_cut_to_the_bounds_at_load(tmp_path: Path) -> None:
