@@ -189,7 +189,13 @@ class StateStore:
                 step = MIGRATIONS.get(version)
                 if step is None:
                     return self._set_aside(f"no migration from schema_version {version}")
-                data = step(data)
+                try:
+                    data = step(data)
+                except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+                    # a migration meets the old file's values as they are: one it cannot
+                    # read makes the file unusable, not the start impossible
+                    return self._set_aside(f"migration from schema_version {version} "
+                                           f"failed: {type(exc).__name__}: {exc}")
                 version += 1
             data["schema_version"] = SCHEMA_VERSION
         return Loaded(data, migrated_from=migrated_from)

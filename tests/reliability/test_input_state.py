@@ -249,3 +249,20 @@ def test_a_lock_file_that_cannot_be_written_is_a_clear_error(
     store = StateStore(tmp_path / "state.json")
     with pytest.raises(StateError, match="No space left on device"):
         store.lock()
+
+
+def test_a_migration_that_cannot_read_an_old_file_sets_it_aside(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import daemon.persist.store as store_module
+
+    def strict_step(data: dict[str, Any]) -> dict[str, Any]:
+        data["models"] = {k: v["renamed"] for k, v in data["models"].items()}
+        return data
+
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
+    monkeypatch.setitem(store_module.MIGRATIONS, 1, strict_step)
+    store = StateStore(tmp_path / "state.json")
+    store.path.write_text(json.dumps({"schema_version": 1, "models": {"a": {"x": 1}}}))
+    loaded = store.load()
+    assert loaded.data is None and loaded.corrupt_copy is not None
+    assert "migration from schema_version 1 failed: KeyError" in loaded.problem
