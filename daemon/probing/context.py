@@ -167,7 +167,8 @@ class _Inflater:
                     continue
                 raise UpstreamError(f"response body is not valid {self.encoding} "
                                     f"(Content-Encoding): {exc}") from None
-            self._raw_deflate_fallback = False
+            if len(data) >= 2:  # zlib's two-byte header has been checked: no fallback now
+                self._raw_deflate_fallback = False
             data = self._z.unconsumed_tail
             yield from self._counted(out)
 
