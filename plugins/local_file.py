@@ -18,12 +18,15 @@ The header verdict is cached per file version (device, inode, size, mtime), so a
 costs a ``stat``, an ``open`` and an 8-byte read per probe. An optional ``sha256`` pin is
 hashed in a worker thread once per (path, size, mtime_ns); while an 8 GB file is being hashed
 the probe answers degraded "sha256 verification in progress" instead of timing out. All file
-I/O runs in worker threads, never on the event loop, and those threads are bounded: one check
+I/O runs in worker threads, never on the event loop (only the mount table, from procfs, is
+read there, at most every ``MOUNTS_TTL`` seconds), and those threads are bounded: one check
 of a file at a time (a probe that finds one running joins it, so a check slower than the probe
-timeout finishes once and serves the next probe), and at most ``MAX_FILE_THREADS`` checks and
-``MAX_HASH_THREADS`` hashes running, abandoned ones included — a hung NFS ``stat`` fails its
-probes with "still running … (a hung file system?)" and never piles up threads. GGUF values are
-skipped, not read, and the header is bounded at ``MAX_GGUF_HEADER``.
+timeout finishes once and serves the next probe), and at most ``MAX_FILE_THREADS`` checks
+(``MAX_FILE_THREADS_PER_MOUNT`` on one mount) and ``MAX_HASH_THREADS`` hashes running,
+abandoned ones included — a hung NFS ``stat`` fails its own mount's probes with "still
+running … (a hung file system?)", never piles up threads, and leaves other mounts' files
+checked as usual. GGUF values are skipped, not read, and the header is bounded at
+``MAX_GGUF_HEADER``.
 
 Facts: ``format``, ``version`` (GGUF), ``tensor_count``, ``metadata_count``, ``architecture``
 (GGUF ``general.architecture`` when present), ``size``, ``sha256_verified`` (when pinned).
@@ -76,7 +79,12 @@ HASH_CHUNK = 1 << 20
 #: Worker threads header checks may have running at once, those whose probe gave up
 #: included (a hung NFS ``stat`` never returns): past it, probes fail at once saying so,
 #: instead of leaving one more thread behind per probe.
-MAX_FILE_THREADS = 4
+MAX_FILE_THREADS = 8
+#: Of those, the most on one mount: a hung file system stops its own files' checks, never
+#: those of files elsewhere.
+MAX_FILE_THREADS_PER_MOUNT = 2
+#: How long the mount table (``/proc/self/mounts``) is reused before it is read again.
+MOUNTS_TTL = 5.0
 #: Threads hashing pinned files at once (a hash of an 8 GB file takes a while, legitimately).
 MAX_HASH_THREADS = 2
 
@@ -467,10 +475,34 @@ class WorkersBusy(Exception):
 @dataclass(slots=True)
 class _Job:
     key: str
+    group: str
     started: float  # time.monotonic()
     finished: anyio.Event
     result: Any = None
     error: BaseException | None = None
+
+
+def read_mount_points(table: str = "/proc/self/mounts") -> tuple[str, ...]:
+    """The mount points of this process, longest first ("/" when the table is unreadable).
+    Reads procfs, which never waits on a file server."""
+    try:
+        with open(table, encoding="utf-8", errors="replace") as lines:
+            points = {line.split()[1] for line in lines if len(line.split()) > 1}
+    except OSError:
+        return ("/",)
+    # the table escapes spaces, tabs, newlines and backslashes as octal
+    decoded = {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), p) for p in points}
+    return tuple(sorted(decoded | {"/"}, key=len, reverse=True))
+
+
+def mount_of(path: str, points: tuple[str, ...]) -> str:
+    """The mount point ``path`` lies under, judged from its text alone: resolving symlinks
+    would stat, and a stat is what hangs."""
+    path = os.path.normpath(os.path.abspath(path))
+    for point in points:
+        if path == point or path.startswith(point.rstrip("/") + "/"):
+            return point
+    return "/"
 
 
 class FileWorkers:
@@ -484,8 +516,9 @@ class FileWorkers:
     are daemon threads, so one stuck in the kernel never holds the daemon's exit.
     """
 
-    def __init__(self, limit: int, what: str) -> None:
+    def __init__(self, limit: int, what: str, per_group: int | None = None) -> None:
         self.limit = limit
+        self.per_group = limit if per_group is None else per_group
         self.what = what
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
@@ -502,20 +535,25 @@ class FileWorkers:
             job = self._jobs.get(key)
         return None if job is None else job.started
 
-    async def run(self, key: str, work: Callable[[], Any], wait: float) -> _Job:
+    async def run(self, key: str, work: Callable[[], Any], wait: float,
+                  group: str = "") -> _Job:
         """The job for ``key`` (started with ``work`` unless one is running), awaited for at
         most ``wait`` seconds: check ``job.finished`` and ``job.result``/``job.error``.
-        Raises WorkersBusy when a new job is needed and ``limit`` are running."""
+        Raises WorkersBusy when a new job is needed and ``limit`` are running, or
+        ``per_group`` of ``group`` (a mount point)."""
         with self._lock:
             job = self._jobs.get(key)
             if job is None:
-                if len(self._jobs) >= self.limit:
-                    oldest = min(j.started for j in self._jobs.values())
+                same = [j for j in self._jobs.values() if j.group == group]
+                if len(same) >= self.per_group or len(self._jobs) >= self.limit:
+                    stuck = same if len(same) >= self.per_group else list(self._jobs.values())
+                    where = f" on {group}" if stuck is same and group else ""
+                    oldest = min(j.started for j in stuck)
                     raise WorkersBusy(
-                        f"{len(self._jobs)} {self.what} still running, the oldest for "
+                        f"{len(stuck)} {self.what}{where} still running, the oldest for "
                         f"{time.monotonic() - oldest:.0f}s (a hung file system?); not starting "
                         "another")
-                job = _Job(key, time.monotonic(), anyio.Event())
+                job = _Job(key, group, time.monotonic(), anyio.Event())
                 self._jobs[key] = job
                 token = anyio.lowlevel.current_token()
                 thread = threading.Thread(target=self._run, args=(job, work, token),
@@ -554,8 +592,18 @@ class LocalFileProbe:
         self._headers: dict[str, tuple[tuple[int, int, int, int], FileVerdict]] = {}
         self._digests: dict[str, tuple[tuple[int, int], str]] = {}
         self._hash_errors: dict[str, tuple[tuple[int, int], str]] = {}
-        self._checks = FileWorkers(MAX_FILE_THREADS, "file checks")
+        self._checks = FileWorkers(MAX_FILE_THREADS, "file checks",
+                                   per_group=MAX_FILE_THREADS_PER_MOUNT)
         self._hashes = FileWorkers(MAX_HASH_THREADS, "sha256 hashes")
+        self._mounts: tuple[float, tuple[str, ...]] = (-MOUNTS_TTL, ("/",))
+
+    def _mount_of(self, path: str) -> str:
+        expires, points = self._mounts
+        now = time.monotonic()
+        if now >= expires:
+            points = read_mount_points()
+            self._mounts = (now + MOUNTS_TTL, points)
+        return mount_of(path, points)
 
     async def probe(self, spec: ModelSpec, ctx: ProbeContext) -> ProbeResult:
         """The file's health: present, readable, valid header, matching pin."""
@@ -564,7 +612,8 @@ class LocalFileProbe:
             return ProbeResult.failure("local_path is not set")
         try:
             job = await self._checks.run(path, lambda: self._check(path),
-                                         ctx.remaining() - _ANSWER_MARGIN)
+                                         ctx.remaining() - _ANSWER_MARGIN,
+                                         group=self._mount_of(path))
         except WorkersBusy as exc:
             return ProbeResult.failure(str(exc))
         if not job.finished.is_set():

@@ -119,19 +119,28 @@ async def test_a_hung_stat_does_not_pile_up_threads(tmp_path: Path,
     assert "still running" in result.reason and "hung" in result.reason, result.reason
 
 
-async def test_threads_left_behind_are_bounded_across_files(
-        tmp_path: Path, hung_paths: dict[str, Any]) -> None:
+async def test_threads_left_behind_are_bounded_per_mount_and_in_all(
+        tmp_path: Path, hung_paths: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    # tmp_path/nfs{0,1,...} are mounts of their own (as the mount table says), all hung
+    mounts = tuple(str(tmp_path / f"nfs{i}") for i in range(8))
+    monkeypatch.setattr(local_file, "read_mount_points", lambda: (*mounts, "/"))
     probe_obj = local_file.LocalFileProbe()
-    limit = local_file.MAX_FILE_THREADS
-    results = [await probe(probe_obj, tmp_path / f"hung-{i}.gguf", f"m{i}")
-               for i in range(limit + 3)]
-    assert hung_paths["running"]["peak"] <= limit
-    busy = results[-1]
-    assert busy.status is ProbeStatus.FAILED and "still running" in busy.reason, busy.reason
-    # a healthy file is refused too while every thread is stuck: it says why, promptly
+    per_mount = local_file.MAX_FILE_THREADS_PER_MOUNT
+    on_one = [await probe(probe_obj, Path(mounts[0]) / f"hung-{i}.gguf", f"a{i}")
+              for i in range(per_mount + 3)]
+    assert hung_paths["running"]["peak"] == per_mount
+    assert "on " + mounts[0] in on_one[-1].reason and "still running" in on_one[-1].reason
+    # a file elsewhere is checked as usual while that mount hangs
     healthy = write_gguf(tmp_path / "fine.gguf")
     result = await probe(probe_obj, healthy, "fine")
-    assert result.status is ProbeStatus.FAILED and "hung" in result.reason
+    assert result.status is ProbeStatus.OK, result.reason
+    # many hung mounts: the total stays bounded too, and then even a healthy file says why
+    for n, mount in enumerate(mounts[1:]):
+        for i in range(per_mount):
+            await probe(probe_obj, Path(mount) / f"hung-{i}.gguf", f"b{n}-{i}")
+    assert hung_paths["running"]["peak"] == local_file.MAX_FILE_THREADS
+    result = await probe(probe_obj, healthy, "fine")
+    assert result.status is ProbeStatus.FAILED and "hung" in result.reason, result.reason
     hung_paths["release"].set()
     deadline = time.monotonic() + 5
     while hung_paths["running"]["now"] and time.monotonic() < deadline:
@@ -139,6 +148,17 @@ async def test_threads_left_behind_are_bounded_across_files(
     await anyio.sleep(0.05)
     result = await probe(probe_obj, healthy, "fine")
     assert result.status is ProbeStatus.OK, result.reason
+
+
+def test_the_mount_of_a_path_is_found_from_the_table(tmp_path: Path) -> None:
+    table = tmp_path / "mounts"
+    table.write_text("/dev/vda / ext4 rw 0 0\nsrv:/models /mnt/my\\040models nfs4 rw 0 0\n"
+                     "tmpfs /mnt/my tmpfs rw 0 0\n")
+    points = local_file.read_mount_points(str(table))
+    assert local_file.mount_of("/mnt/my models/llama.gguf", points) == "/mnt/my models"
+    assert local_file.mount_of("/mnt/my/x.gguf", points) == "/mnt/my"
+    assert local_file.mount_of("/mnt/myx/x.gguf", points) == "/"
+    assert local_file.read_mount_points(str(tmp_path / "absent")) == ("/",)
 
 
 async def test_concurrent_probes_of_one_file_share_one_check(
