@@ -126,7 +126,7 @@ async def test_threads_left_behind_are_bounded_per_mount_and_in_all(
     monkeypatch.setattr(local_file, "read_mount_points", lambda: (*mounts, "/"))
     probe_obj = local_file.LocalFileProbe()
     per_mount = local_file.MAX_FILE_THREADS_PER_MOUNT
-    on_one = [await probe(probe_obj, Path(mounts[0]) / f"hung-{i}.gguf", f"a{i}")
+    on_one = [await probe(probe_obj, Path(mounts[0]) / f"hung-{i}.gguf", f"a{i}", 0.1)
               for i in range(per_mount + 3)]
     assert hung_paths["running"]["peak"] == per_mount
     assert "on " + mounts[0] in on_one[-1].reason and "still running" in on_one[-1].reason
@@ -137,7 +137,7 @@ async def test_threads_left_behind_are_bounded_per_mount_and_in_all(
     # many hung mounts: the total stays bounded too, and then even a healthy file says why
     for n, mount in enumerate(mounts[1:]):
         for i in range(per_mount):
-            await probe(probe_obj, Path(mount) / f"hung-{i}.gguf", f"b{n}-{i}")
+            await probe(probe_obj, Path(mount) / f"hung-{i}.gguf", f"b{n}-{i}", 0.1)
     assert hung_paths["running"]["peak"] == local_file.MAX_FILE_THREADS
     result = await probe(probe_obj, healthy, "fine")
     assert result.status is ProbeStatus.FAILED and "hung" in result.reason, result.reason
