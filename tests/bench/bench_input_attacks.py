@@ -35,6 +35,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import httpx
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -108,10 +109,11 @@ async def bomb_case(way: str, size_mb: int) -> dict[str, Any]:
         url = f"http://127.0.0.1:{port}/v1/models"
         started = time.perf_counter()
         config = ProbeConfig()
-        async with make_http_client(config) as client:
-            if way == "old":
-                outcome = await old_way(client, url, config.max_response_bytes)
-            else:
+        if way == "old":  # a plain httpx client, as the daemon's was: httpx decodes
+            async with httpx.AsyncClient(trust_env=False, timeout=30.0) as plain:
+                outcome = await old_way(plain, url, config.max_response_bytes)
+        else:
+            async with make_http_client(config) as client:
                 try:
                     await ProbeContext(client, timeout=30.0).get_json(url)
                     outcome = "accepted"
