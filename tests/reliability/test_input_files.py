@@ -260,3 +260,17 @@ async def test_safetensors_header_is_decoded_entry_by_entry(
     else:
         assert result.status is ProbeStatus.FAILED
         assert reason in result.reason, result.reason
+
+
+async def test_a_check_that_raises_fails_the_probe_and_frees_its_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(path: str) -> Any:
+        raise RuntimeError("stat exploded")
+
+    monkeypatch.setattr(local_file, "stat_model_file", broken)
+    probe_obj = local_file.LocalFileProbe()
+    for _ in range(local_file.MAX_FILE_THREADS + 2):  # no slot is left taken
+        result = await probe(probe_obj, tmp_path / "m.gguf", timeout=2.0)
+        assert result.status is ProbeStatus.FAILED
+        assert result.reason == "probe raised RuntimeError: stat exploded", result.reason
+    assert probe_obj._checks.running == 0
