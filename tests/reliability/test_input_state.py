@@ -239,13 +239,12 @@ def test_a_lock_file_that_cannot_be_written_is_a_clear_error(
     """A full disk and no lock file yet: the pid cannot be written (was: a traceback)."""
     import errno
 
-    import daemon.persist.store as store_module
     from daemon.persist.store import StateError
 
     def full(fd: int, data: bytes, offset: int) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(store_module.os, "pwrite", full)
+    monkeypatch.setattr(os, "pwrite", full)  # the store's os module
     store = StateStore(tmp_path / "state.json")
     with pytest.raises(StateError, match="No space left on device"):
         store.lock()
