@@ -69,8 +69,6 @@ def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
 #: Deepest nesting of arrays and objects a JSON body may have: far beyond any request the
 #: daemon takes, far below what would exhaust the interpreter's recursion limit.
 MAX_JSON_DEPTH = 64
-#: Longest integer literal accepted (a uint64 has 20 digits).
-MAX_JSON_INT_DIGITS = 40
 # a lone surrogate can only come from a \uD800-\uDFFF escape or from the bytes ED A0..BF
 # (which json.loads lets through with "surrogatepass"); a body without either has none
 _SURROGATE_RE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
@@ -87,13 +85,6 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _bounded_int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_JSON_INT_DIGITS:
-        raise _BadNumber(f"an integer of {len(text.lstrip('-'))} digits is out of range "
-                         f"(at most {MAX_JSON_INT_DIGITS})")
-    return int(text)
-
-
 def _no_constant(name: str) -> Any:
     raise _BadNumber(f"{name} is not a JSON number")
 
@@ -103,13 +94,14 @@ def parse_json(body: bytes, what: str) -> Any:
 
     Beyond the JSON grammar it refuses what would break the daemon later: nesting deeper than
     ``MAX_JSON_DEPTH`` (a RecursionError, or an error reply that cannot be written),
-    ``NaN``/``Infinity`` and numbers out of range (``1e999``, integers of thousands of digits),
-    and strings holding a lone surrogate (``"\\ud800"``: valid JSON syntax, but no UTF-8
-    encoding exists for it, so it could not be logged, saved or echoed back).
+    ``NaN``/``Infinity`` and numbers out of range (``1e999``; integers past Python's limit
+    of 4,300 digits), and strings holding a lone surrogate (``"\\ud800"``: valid JSON
+    syntax, but no UTF-8 encoding exists for it, so it could not be logged, saved or echoed
+    back). The checks cost little beyond the parse itself: a body of a million integers
+    is not walked in Python.
     """
     try:
-        data = jsonlib.loads(body, parse_float=_finite_float, parse_int=_bounded_int,
-                             parse_constant=_no_constant)
+        data = jsonlib.loads(body, parse_float=_finite_float, parse_constant=_no_constant)
     except UnicodeDecodeError as exc:
         raise HTTPError(400, "invalid_json", f"{what} is not UTF-8: {exc}") from None
     except _BadNumber as exc:
@@ -119,12 +111,33 @@ def parse_json(body: bytes, what: str) -> Any:
                         f"{MAX_JSON_DEPTH} levels of arrays and objects)") from None
     except ValueError as exc:
         raise HTTPError(400, "invalid_json", f"{what} is not valid JSON: {exc}") from None
-    depth_possible = body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH
-    if depth_possible or _SURROGATE_RE.search(body):
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and _too_deep(data, MAX_JSON_DEPTH):
+        raise HTTPError(400, "invalid_json", f"{what} is nested too deeply (more than "
+                        f"{MAX_JSON_DEPTH} levels of arrays and objects)")
+    if (b"\\u" in body or b"\xed" in body) and _SURROGATE_RE.search(body):
         problem = _json_problem(data)
         if problem:
             raise HTTPError(400, "invalid_json", f"{what} is not usable JSON: {problem}")
     return data
+
+
+def _too_deep(data: Any, limit: int) -> bool:
+    """Whether parsed JSON nests arrays and objects more than ``limit`` deep. Level by level,
+    containers only: a chat body of long strings costs a few item checks per message."""
+    level = [data]
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        inner: list[Any] = []
+        for value in level:
+            items = list(value.values()) if type(value) is dict else value
+            kinds = set(map(type, items))  # no Python-level step per item: a list of a
+            if dict in kinds or list in kinds:  # million numbers is looked at in C
+                inner.extend(item for item in items if type(item) in (dict, list))
+        level = inner
+    return False
 
 
 def _json_problem(data: Any) -> str:
