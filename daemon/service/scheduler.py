@@ -13,6 +13,7 @@ import anyio
 
 from ..core.health import needs_recheck
 from ..core.model import ModelSpec, ProbeResult
+from ..probing.limits import bounded_result
 from ..probing.plugins import notify_observers
 
 if TYPE_CHECKING:
@@ -69,6 +70,8 @@ class ProbeScheduler:
         entry = self.daemon.registry.models.get(model_id)
         if entry is None:
             return
+        # held to the same bounds as a probe's result: its reason came from an upstream too
+        result = bounded_result(result)
         self.apply(entry.spec, result)
         entry = self.daemon.registry.models.get(model_id)
         if entry is not None and not result.ok and needs_recheck(entry.health):

@@ -134,3 +134,22 @@ def test_ordinary_facts_are_kept_whole() -> None:
              "expires_at": "2026-12-02T07:00:00.000000000Z", "server": "vllm 0.6.3"}
     assert bounded_facts(facts) == facts
     assert len(json.dumps(facts)) < MAX_FACTS_CHARS
+
+
+def test_an_outcome_observed_by_the_front_door_is_bounded_too(tmp_path: Any) -> None:
+    from daemon.service.lifecycle import Daemon
+
+    config = parse_config({
+        "daemon": {"state_file": str(tmp_path / "state.json"),
+                   "socket": str(tmp_path / "s.sock")},
+        "models": [{"id": "a", "provider": "openai", "endpoint": "http://127.0.0.1:9",
+                    "primary": True}]})
+    daemon = Daemon(config, environ={})
+    daemon._load_state()
+    daemon.scheduler.observe("a", ProbeResult.failure(
+        "upstream said: \ud800 " + HUGE, owned_by=HUGE))
+    record = daemon.registry.models["a"].last_probe
+    assert record is not None
+    assert len(record.reason) <= MAX_REASON_CHARS
+    record.reason.encode("utf-8")
+    assert len(record.facts["owned_by"]) <= MAX_FACT_TEXT_CHARS
