@@ -28,6 +28,7 @@ from typing import Any
 import anyio
 
 from .. import __version__
+from ..control.messages import HTTPError, parse_json
 from ..core.model import ModelSpec, ProbeResult
 from ..core.registry import ModelRegistry
 from ..core.settings import GatewayConfig
@@ -343,13 +344,12 @@ class Gateway:
 
 
 def _parse_body(body: bytes) -> dict[str, Any]:
+    # the control socket's strict parse: too deep (a RecursionError, here or when the body
+    # is written back upstream), NaN, 1e999 and lone surrogates are a clear 400 too
     try:
-        payload = json.loads(body)
-    except UnicodeDecodeError:
-        raise DoorError(400, "invalid_json", "the request body is not UTF-8") from None
-    except ValueError as exc:
-        raise DoorError(400, "invalid_json",
-                        f"the request body is not valid JSON: {exc}") from None
+        payload = parse_json(body, "the request body")
+    except HTTPError as exc:
+        raise DoorError(400, "invalid_json", exc.message) from None
     if not isinstance(payload, dict):
         raise DoorError(400, "invalid_json", "the request body must be a JSON object")
     return payload

@@ -105,3 +105,15 @@ def test_long_strings_in_a_body_are_refused_and_never_echoed_whole() -> None:
     ok = _body_object(Request("POST", "/p", {}, [], json.dumps(
         {"model_id": "m", "reason": "r" * MAX_BODY_TEXT}).encode()), allowed)
     assert len(ok["reason"]) == MAX_BODY_TEXT
+
+
+@pytest.mark.parametrize(("body", "says"), [(b, s) for _, b, s in HOSTILE],
+                         ids=[name for name, _, _ in HOSTILE])
+def test_the_front_door_refuses_the_same_bodies_with_a_clear_400(body: bytes, says: str) -> None:
+    from daemon.gateway.door import _parse_body
+    from daemon.gateway.routing import DoorError
+
+    with pytest.raises(DoorError) as caught:
+        _parse_body(body)
+    assert caught.value.status == 400 and caught.value.code == "invalid_json"
+    assert says in caught.value.message, caught.value.message
