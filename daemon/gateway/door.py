@@ -389,7 +389,7 @@ def _error_message(body: bytes) -> str:
         return ""
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # 2 kB of "[" nest deeper than the interpreter goes
         return one_line(body.decode("utf-8", "replace"), 160)
     if isinstance(data, dict):
         error = data.get("error", data)

@@ -117,3 +117,12 @@ def test_the_front_door_refuses_the_same_bodies_with_a_clear_400(body: bytes, sa
         _parse_body(body)
     assert caught.value.status == 400 and caught.value.code == "invalid_json"
     assert says in caught.value.message, caught.value.message
+
+
+def test_an_upstream_error_body_nested_too_deeply_still_gives_a_reason() -> None:
+    """The front door peeks at 2 kB of an upstream's error body for the reason: 1,024 "["
+    nest deeper than the interpreter's recursion limit (was: RecursionError, a 500)."""
+    from daemon.gateway.door import _error_message
+
+    message = _error_message(b"[" * 1024 + b"]" * 1024)
+    assert message.startswith("[[[") and len(message) <= 160
