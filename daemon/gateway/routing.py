@@ -46,7 +46,10 @@ class DoorError(Exception):
         """The JSON document."""
         error = {"message": self.message, "type": self.kind, "param": None, "code": self.code,
                  **self.extra}
-        return json.dumps({"error": error}, separators=(",", ":"), ensure_ascii=False).encode()
+        # a lone surrogate (an upstream's "\ud800" quoted in a reason) is written as its
+        # JSON escape instead of failing the whole answer
+        return json.dumps({"error": error}, separators=(",", ":"), ensure_ascii=False).encode(
+            "utf-8", "backslashreplace")
 
 
 def _default_type(status: int) -> str:

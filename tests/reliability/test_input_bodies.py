@@ -126,3 +126,11 @@ def test_an_upstream_error_body_nested_too_deeply_still_gives_a_reason() -> None
 
     message = _error_message(b"[" * 1024 + b"]" * 1024)
     assert message.startswith("[[[") and len(message) <= 160
+
+
+def test_a_front_door_error_quoting_a_lone_surrogate_can_be_written() -> None:
+    from daemon.gateway.routing import DoorError
+
+    error = DoorError(503, "no_usable_model", 'upstream said "\ud800"',
+                      reasons={"m": "HTTP 503: \udfff"})
+    assert json.loads(error.body())["error"]["reasons"] == {"m": "HTTP 503: \udfff"}
