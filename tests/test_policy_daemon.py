@@ -1,7 +1,8 @@
 """The policy's promises on the real daemon, with short timings (issue 12): an outage of the
 better primary, short or long, fails over to the stand-in and back, and never leaves the role
-on the worse model. The pure rules behind it are in tests/test_policy_rules.py; here the real
-scheduler, timers, socket and state file play them."""
+on the worse model; an operator's promotion survives the policy's ticks. The pure rules behind
+it are in tests/test_policy_rules.py; here the real scheduler, timers, socket and state file
+play them."""
 
 from __future__ import annotations
 
@@ -72,6 +73,20 @@ def test_outages_of_the_better_primary_fail_over_and_back_and_never_swap_it_for_
         reasons = [h["reason"] for h in history if h["action"] == "promote"]
         assert all("unavailable" in r for r in reasons[0::2]), reasons
         assert all("fail" in r.lower() for r in reasons[1::2]), reasons
-        # what survives a restart is the same story
-        saved = daemon.state()["roles"]["chat"]
-        assert saved["primary"] == "qwen2.5-14b"
+        assert daemon.state()["roles"]["chat"]["primary"] == "qwen2.5-14b"  # saved so
+
+        # an operator's choice, even of the worse model, survives the policy's ticks (10 and
+        # more, past sustain and cooldown) until the operator releases the role
+        daemon.post("/api/v1/models/promote", {"model_id": "llama3-8b", "reason": "evals"})
+        time.sleep(10 * 0.2 + 1.0)
+        assert primary(daemon) == "llama3-8b"
+        assert daemon.state()["roles"]["chat"]["hold"] is not None
+        daemon.post("/api/v1/roles/chat/release")
+        # released, the 14b's lead (quality 0.85 vs 0.65: 0.04 of score) is below min_margin,
+        # so the policy leaves the operator's model, and says why in numbers
+        time.sleep(1.5)
+        assert primary(daemon) == "llama3-8b"
+        status, check = daemon.request("POST", "/api/v1/models/auto-upgrade/check")
+        assert status == 200 and check["suggestions"] == []
+        why = check["roles"]["chat"]["why"]
+        assert "qwen2.5-14b" in why and "min_margin" in why, why
