@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from daemon.config import parse_config
@@ -240,12 +240,24 @@ def test_n_promotions_then_n_rollbacks_restore_every_roles_primary(ops, targets)
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(operations, max_size=30))
+# found in CI: a quarantine over by the time of the load
+@example([("promote", "b", True), ("rollback", "chat"), ("probe", "a", "ok", None),
+          ("wait", 77.0), ("wait", 120.0)])
+@example([("promote", "b", True), ("rollback", "chat"), ("wait", 120.0), ("wait", 120.0)])
 def test_state_round_trip_after_random_operations_is_exact(ops):
     registry = ModelRegistry(CONFIG, T0)
     now = run(registry, ops, T0)
     restored = from_state(CONFIG, to_state(registry), now)
-    assert without_not_probed(to_state(restored)) == without_not_probed(to_state(registry))
+    assert without_not_probed(to_state(restored)) == live(without_not_probed(
+        to_state(registry)), now)
     assert primaries(restored) == primaries(registry)
+
+
+def live(state: dict[str, Any], now: float) -> dict[str, Any]:
+    # a quarantine over by now binds nothing; load drops it (test_registry pins that), while
+    # the running registry keeps it for `show` to say "(over)"
+    state["quarantine"] = {m: until for m, until in state["quarantine"].items() if until > now}
+    return state
 
 
 def without_not_probed(state: dict[str, Any]) -> dict[str, Any]:
