@@ -67,34 +67,32 @@ def judge_status(reply: Reply, what: str) -> ProbeResult | None:
     return ProbeResult.failure(reason, reply.elapsed_ms, http_status=reply.status)
 
 
-_INDEXES_KEPT = 256
+def _index(entries: list[Any]) -> dict[str, Any]:
+    """Model id → its entry (the first one listed under that id)."""
+    index: dict[str, Any] = {}
+    for entry in entries:
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+            index.setdefault(entry["id"], entry)
+    return index
+
+
+def find_entry(reply: Reply, entries: list[Any], name: str) -> Any:
+    """The listing's entry for ``name`` (None when not listed).
+
+    Every model of an endpoint reads the same shared reply, so its list is indexed once per
+    reply, not scanned once per model; the index lives on the reply and goes with it.
+    """
+    found = reply.derived("openai.index", lambda _: _index(entries)).get(name)
+    if found is None and name == "tgi" and len(entries) == 1:
+        # TGI serves one model and accepts any name for it; "tgi" is the name its docs use
+        only = entries[0]
+        if isinstance(only, dict) and only.get("owned_by") == only.get("id"):
+            found = only
+    return found
 
 
 class OpenAIProbe:
     """Probe for OpenAI-compatible servers."""
-
-    def __init__(self) -> None:
-        # id(list) -> (the list, id -> entry): the models of one endpoint share one parsed
-        # reply, so its list is indexed once per sweep instead of scanned once per model
-        self._indexes: dict[int, tuple[list[Any], dict[str, Any]]] = {}
-
-    def _find(self, entries: list[Any], name: str) -> Any:
-        cached = self._indexes.get(id(entries))
-        if cached is None or cached[0] is not entries:
-            index: dict[str, Any] = {}
-            for entry in entries:
-                if isinstance(entry, dict) and isinstance(entry.get("id"), str):
-                    index.setdefault(entry["id"], entry)
-            if len(self._indexes) >= _INDEXES_KEPT:
-                self._indexes.clear()
-            cached = self._indexes[id(entries)] = (entries, index)
-        found = cached[1].get(name)
-        if found is None and name == "tgi" and len(entries) == 1:
-            # TGI serves one model and accepts any name for it; "tgi" is the name its docs use
-            only = entries[0]
-            if isinstance(only, dict) and only.get("owned_by") == only.get("id"):
-                found = only
-        return found
 
     async def probe(self, spec: ModelSpec, ctx: ProbeContext) -> ProbeResult:
         """The model's health from the server's model list (or a 1-token chat when deep)."""
@@ -122,7 +120,7 @@ class OpenAIProbe:
                 'GET /v1/models: "data" is not a list', reply.elapsed_ms
             )
         name = spec.upstream_name
-        entry = self._find(entries, name)
+        entry = find_entry(reply, entries, name)
         if entry is None:
             ids = [str(e.get("id")) for e in entries if isinstance(e, dict)]
             listed = (

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import errno
 import json as jsonlib
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+
+T = TypeVar("T")
 
 #: Longest reason kept in a result; reasons are one line for logs, tables and the API.
 MAX_REASON_CHARS = 300
@@ -35,7 +37,9 @@ class Reply:
 
     ``data`` holds the parsed JSON body when it parsed; otherwise ``json_error`` says why not
     ("empty body", "HTML page instead of JSON", "invalid JSON: ..."). A reply is shared between
-    every probe that asked for the same request, so treat it as read-only.
+    every probe that asked for the same request, so treat it as read-only; what a probe
+    derives from it once for all its sharers (an index of a model list) goes through
+    :meth:`derived`, which keeps it exactly as long as the reply itself.
     """
 
     method: str
@@ -46,6 +50,20 @@ class Reply:
     elapsed_ms: float
     data: Any = None
     json_error: str | None = None
+    _derived: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def derived(self, key: str, build: Callable[[Reply], T]) -> T:
+        """``build(self)``, computed once per reply and shared by every probe reading it.
+
+        The value lives on the reply, so it is gone with the reply once the probes that
+        shared it are done: nothing outlives the sweep. ``key`` names what is derived
+        (prefix it with the plugin's name).
+        """
+        try:
+            value: T = self._derived[key]
+        except KeyError:
+            value = self._derived[key] = build(self)
+        return value
 
     @property
     def ok(self) -> bool:
