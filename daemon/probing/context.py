@@ -16,9 +16,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json as jsonlib
+import math
 import os
 import time
 import zlib
@@ -26,6 +26,7 @@ from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -240,13 +241,32 @@ async def _raw_chunks(response: httpx.Response, layers: list[_Inflater]) -> Any:
 
 @dataclass(slots=True)
 class _Flight:
+    created_at: float  # anyio's clock
     done: anyio.Event
+    started: anyio.Event  # the leader holds its slot: the request is under way
     reply: Reply | None = None
-    reason: str | None = None  # UpstreamError reason; both None: the leader was cancelled
+    reason: str | None = None  # UpstreamError reason; both None: the leader gave up
+
+
+#: A follower whose leader gave up goes again only with this share of its timeout left.
+_RETRY_MIN = 0.1
+
+
+class _LeaderGaveUp(UpstreamError):
+    """The leader's own deadline passed: its followers, who may have more time, go again."""
+
+
+class _TimedOut(_LeaderGaveUp):
+    """A request was sent and its answer did not come within the deadline."""
 
 
 class SingleFlight:
-    """Concurrent callers with the same key share one call; no results are kept afterwards."""
+    """Concurrent callers with the same key share one call; no results are kept afterwards.
+
+    Used through :meth:`ProbeContext.request`: a caller joins the flight in progress for its
+    key (unless that flight began before the caller's ``fresh_after``: a recheck of a hung
+    server wants a request of its own), or leads a new one.
+    """
 
     def __init__(self) -> None:
         self._flights: dict[Hashable, _Flight] = {}
@@ -254,29 +274,111 @@ class SingleFlight:
     def __len__(self) -> int:
         return len(self._flights)
 
-    async def do(self, key: Hashable, exchange: Any) -> Reply:
-        """The reply of ``await exchange()``, run once for all callers waiting on ``key``."""
-        while True:
-            flight = self._flights.get(key)
-            if flight is None:
-                break
-            await flight.done.wait()
-            if flight.reply is not None:
-                return flight.reply
-            if flight.reason is not None:
-                raise UpstreamError(flight.reason)
-            # the leader was cancelled (its own probe's deadline): go again, maybe as leader
-        flight = _Flight(anyio.Event())
-        self._flights[key] = flight
-        try:
-            flight.reply = await exchange()
-            return flight.reply
-        except UpstreamError as exc:
-            flight.reason = exc.reason
-            raise
-        finally:
+    def joinable(self, key: Hashable, fresh_after: float | None) -> _Flight | None:
+        """The flight in progress for ``key``, if it began after ``fresh_after``."""
+        flight = self._flights.get(key)
+        if flight is None or (fresh_after is not None and flight.created_at <= fresh_after):
+            return None
+        return flight
+
+    def begin(self, key: Hashable) -> _Flight:
+        """A new flight for ``key``; later callers join it (an older one runs on unlisted)."""
+        flight = self._flights[key] = _Flight(anyio.current_time(), anyio.Event(), anyio.Event())
+        return flight
+
+    def end(self, key: Hashable, flight: _Flight) -> None:
+        """``flight`` is over: wake its followers."""
+        if self._flights.get(key) is flight:
             del self._flights[key]
-            flight.done.set()
+        flight.started.set()
+        flight.done.set()
+
+
+# ----------------------------------------------------------------------------- slots
+
+
+def endpoint_share(max_concurrent: int) -> int:
+    """How many of ``max_concurrent`` requests one endpoint may hold: a quarter (at least 1),
+    so a server that hangs every request costs its own models, never its neighbours'."""
+    return max(1, max_concurrent // 4)
+
+
+def _endpoint_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}".lower()
+
+
+#: Endpoints remembered as hanging, at most (beyond it the memory starts afresh).
+_SUSPECTS_KEPT = 10_000
+
+
+class Slots:
+    """The daemon's slots for upstream requests: ``limiter`` bounds them all
+    (``max_concurrent``); each endpoint gets at most its :func:`endpoint_share`; and endpoints
+    whose last request timed out (*hanging*) share at most half of the slots between them,
+    so the other half always serves servers that answer.
+
+    Waiting for a slot is queueing, not probing: :class:`ProbeContext` stops a probe's clock
+    while it waits (its deadline and latency start when its request does).
+    """
+
+    def __init__(self, max_concurrent: int) -> None:
+        self.limiter = anyio.CapacityLimiter(max_concurrent)
+        self._hanging_limiter = anyio.CapacityLimiter(max(1, max_concurrent // 2))
+        self._endpoints: dict[str, tuple[anyio.CapacityLimiter, int]] = {}
+        self._hanging: set[str] = set()
+
+    @property
+    def endpoints_in_use(self) -> int:
+        """Endpoints with a request holding or waiting for a slot (kept only while they do)."""
+        return len(self._endpoints)
+
+    def hanging(self, url: str) -> bool:
+        """Whether the last request to ``url``'s endpoint timed out."""
+        return _endpoint_of(url) in self._hanging
+
+    async def acquire(self, url: str, borrower: object) -> Callable[[bool | None], None]:
+        """Wait for a slot for a request to ``url``; returns the function that frees it,
+        called with whether the request timed out (None: it tells nothing of the server)."""
+        key = _endpoint_of(url)
+        total = int(self.limiter.total_tokens)
+        limiter, users = self._endpoints.get(key, (None, 0))
+        if limiter is None:
+            limiter = anyio.CapacityLimiter(endpoint_share(total))
+        self._endpoints[key] = (limiter, users + 1)
+        held: list[anyio.CapacityLimiter] = []
+
+        def release(timed_out: bool | None) -> None:
+            for each in reversed(held):
+                each.release_on_behalf_of(borrower)
+            held.clear()
+            current, count = self._endpoints[key]
+            if count <= 1:
+                del self._endpoints[key]
+            else:
+                self._endpoints[key] = (current, count - 1)
+            if timed_out is None:
+                return
+            if timed_out:
+                if len(self._hanging) >= _SUSPECTS_KEPT:
+                    self._hanging.clear()
+                self._hanging.add(key)
+            else:
+                self._hanging.discard(key)
+
+        try:
+            await limiter.acquire_on_behalf_of(borrower)
+            held.append(limiter)
+            if key in self._hanging:
+                self._hanging_limiter.total_tokens = max(1, total // 2)
+                await self._hanging_limiter.acquire_on_behalf_of(borrower)
+                held.append(self._hanging_limiter)
+            await self.limiter.acquire_on_behalf_of(borrower)
+            held.append(self.limiter)
+        except BaseException:
+            release(None)
+            raise
+        return release
 
 
 def _fingerprint(headers: Mapping[str, str] | None) -> str:
@@ -296,6 +398,11 @@ class ProbeContext:
     Attributes: ``client`` (the daemon's ``httpx.AsyncClient``), ``timeout`` (seconds for the
     whole probe), ``deadline`` (on anyio's clock), ``deep`` (a deep probe was asked for),
     ``log`` (a structlog logger bound to the model), ``max_response_bytes``.
+
+    The probe's clock stops while it only waits for a slot among the daemon's concurrent
+    requests (``queued`` sums that time): a probe queued behind hung servers is not timed
+    out, nor its latency inflated, by its neighbours' trouble. ``deadline`` moves on by the
+    time queued.
     """
 
     def __init__(
@@ -309,6 +416,8 @@ class ProbeContext:
         flights: SingleFlight | None = None,
         deadline: float | None = None,
         limiter: anyio.CapacityLimiter | None = None,
+        slots: Slots | None = None,
+        fresh_after: float | None = None,
     ) -> None:
         self.client = client
         self.timeout = timeout
@@ -318,10 +427,41 @@ class ProbeContext:
         self.deadline = anyio.current_time() + timeout if deadline is None else deadline
         self._flights = flights if flights is not None else SingleFlight()
         self._limiter = limiter
+        self._slots = slots
+        #: join no shared request that began at or before this time (anyio's clock)
+        self.fresh_after = fresh_after
+        #: seconds this probe spent waiting for a slot with none of its requests under way
+        self.queued = 0.0
+        #: called with the new deadline (``math.inf`` while queued): the prober keeps its own
+        #: cancel scope in step
+        self.on_deadline: Callable[[float], None] | None = None
+        self._waiting = 0  # requests of this probe waiting for a slot (or for their leader's)
+        self._running = 0  # requests of this probe under way
+        self._paused_at: float | None = None
 
     def remaining(self) -> float:
         """Seconds left before the probe's deadline (never negative)."""
+        if self._paused_at is not None:
+            return self.timeout  # while queued, the clock does not run (never past timeout)
         return max(0.0, self.deadline - anyio.current_time())
+
+    def _clock(self, waiting: int = 0, running: int = 0) -> None:
+        """Account for requests starting or stopping to wait or run; the clock stops while
+        the probe has requests waiting and none under way."""
+        self._waiting += waiting
+        self._running += running
+        pause = self._waiting > 0 and self._running == 0
+        if pause and self._paused_at is None:
+            self._paused_at = anyio.current_time()
+            if self.on_deadline is not None:
+                self.on_deadline(math.inf)
+        elif not pause and self._paused_at is not None:
+            queued = anyio.current_time() - self._paused_at
+            self._paused_at = None
+            self.queued += queued
+            self.deadline += queued
+            if self.on_deadline is not None:
+                self.on_deadline(self.deadline)
 
     def auth_headers(self, spec: ModelSpec) -> dict[str, str]:
         """The upstream's Authorization header for ``spec`` (from ``api_key_env``; empty
@@ -362,22 +502,93 @@ class ProbeContext:
         if shared is None:
             shared = method in ("GET", "HEAD")
         if not shared:
-            return await self._exchange(method, url, json, headers)
+            return await self._slotted(method, url, json, headers, None)
         body_key = "" if json is None else jsonlib.dumps(json, sort_keys=True, default=str)
         key = (method, url, _fingerprint(headers), body_key)
-        with anyio.move_on_after(self.remaining()) as scope:
-            return await self._flights.do(
-                key, lambda: self._exchange(method, url, json, headers)
-            )
-        assert scope.cancelled_caught
-        raise UpstreamError(self.timed_out_reason())
+        flights = self._flights
+        while (flight := flights.joinable(key, self.fresh_after)) is not None:
+            if not flight.started.is_set():  # its leader waits for a slot: so do we
+                self._clock(waiting=1)
+                try:
+                    await flight.started.wait()
+                finally:
+                    self._clock(waiting=-1)
+            self._clock(running=1)
+            try:
+                with anyio.move_on_after(self.remaining()):
+                    await flight.done.wait()
+            finally:
+                self._clock(running=-1)
+            if not flight.done.is_set():
+                raise UpstreamError(self.timed_out_reason())
+            if flight.reply is not None:
+                return flight.reply
+            if flight.reason is not None:
+                raise UpstreamError(flight.reason)
+            # the leader gave up (cancelled, or its own deadline passed): go again, unless
+            # our own deadline is as good as gone too (probes of one sweep start together)
+            if self.remaining() < _RETRY_MIN * self.timeout:
+                raise UpstreamError(self.timed_out_reason())
+        flight = flights.begin(key)
+        try:
+            flight.reply = await self._slotted(method, url, json, headers, flight.started)
+            return flight.reply
+        except _LeaderGaveUp:
+            raise
+        except UpstreamError as exc:
+            flight.reason = exc.reason
+            raise
+        finally:
+            flights.end(key, flight)
+
+    async def _slotted(
+        self, method: str, url: str, json: Any, headers: Mapping[str, str] | None,
+        started: anyio.Event | None,
+    ) -> Reply:
+        """``_exchange`` once it has a slot; the clock stops while it waits for one."""
+        release: Callable[[bool | None], None] | None = None
+        if self._slots is not None or self._limiter is not None:
+            self._clock(waiting=1)
+            try:
+                release = await self._acquire_slot(url)
+            finally:
+                self._clock(waiting=-1, running=1 if release is not None else 0)
+        else:
+            self._clock(running=1)
+        timed_out: bool | None = None  # None: no news of the endpoint (never sent, cancelled)
+        try:
+            if started is not None:
+                started.set()
+            reply = await self._exchange(method, url, json, headers)
+            timed_out = False
+            return reply
+        except _TimedOut:
+            timed_out = True
+            raise
+        except _LeaderGaveUp:
+            raise
+        except UpstreamError:
+            timed_out = False
+            raise
+        finally:
+            self._clock(running=-1)
+            if release is not None:
+                release(timed_out)
+
+    async def _acquire_slot(self, url: str) -> Callable[[bool | None], None]:
+        if self._slots is not None:
+            return await self._slots.acquire(url, object())
+        limiter, borrower = self._limiter, object()
+        assert limiter is not None
+        await limiter.acquire_on_behalf_of(borrower)
+        return lambda _timed_out: limiter.release_on_behalf_of(borrower)
 
     async def _exchange(
         self, method: str, url: str, json: Any, headers: Mapping[str, str] | None
     ) -> Reply:
         remaining = self.remaining()
         if remaining <= 0:
-            raise UpstreamError(self.timed_out_reason())
+            raise _LeaderGaveUp(self.timed_out_reason())
         cap = self.max_response_bytes
         started = time.perf_counter()
         chunks: list[bytes] = []
@@ -385,7 +596,7 @@ class ProbeContext:
             # fail_after bounds the whole exchange: httpx's timeouts are per read, so a server
             # that drips one byte a second would otherwise never time out.
             with anyio.fail_after(remaining):
-                async with self._slot(), self.client.stream(
+                async with self.client.stream(
                     method, url, json=json, headers=headers, timeout=httpx.Timeout(remaining)
                 ) as response:
                     declared = response.headers.get("content-length", "")
@@ -414,9 +625,9 @@ class ProbeContext:
                     status = response.status_code
                     reply_headers = {k.lower(): v for k, v in response.headers.items()}
         except TimeoutError:
-            raise UpstreamError(self.timed_out_reason()) from None
+            raise _TimedOut(self.timed_out_reason()) from None
         except httpx.TimeoutException:
-            raise UpstreamError(self.timed_out_reason()) from None
+            raise _TimedOut(self.timed_out_reason()) from None
         except httpx.HTTPError as exc:
             raise UpstreamError(describe_transport_error(exc)) from None
         body = b"".join(chunks)
@@ -431,11 +642,6 @@ class ProbeContext:
             data=data,
             json_error=json_error,
         )
-
-
-    def _slot(self) -> contextlib.AbstractAsyncContextManager[Any]:
-        """A slot among the daemon's concurrent upstream requests (none when unlimited)."""
-        return self._limiter if self._limiter is not None else contextlib.nullcontext()
 
 
 #: Judges a reply's status: the verdict that ends the probe, or None to read the body.

@@ -25,7 +25,7 @@ import structlog
 
 from ..core.model import ModelSpec, ProbeResult, ProbeStatus, finite_ms, json_safe
 from ..core.settings import ProbeConfig
-from .context import Log, Probe, ProbeContext, SingleFlight
+from .context import Log, Probe, ProbeContext, SingleFlight, Slots
 from .limits import bounded_result
 from .replies import UpstreamError, one_line
 
@@ -53,18 +53,27 @@ class Prober:
         self.config = config
         self.log: Log = log if log is not None else structlog.get_logger("modeld.prober")
         self.flights = SingleFlight()
-        # At most max_concurrent requests go to the client at once. httpx's pool could queue
-        # the rest itself, but its queue costs O(waiting x connections) per request, which
-        # at a thousand endpoints starves the event loop. Waiting probes that share a flight
-        # do not take a slot.
-        self.limiter = anyio.CapacityLimiter(config.max_concurrent)
+        # At most max_concurrent requests go to the client at once, and at most a share of
+        # them to one endpoint. httpx's pool could queue the rest itself, but its queue costs
+        # O(waiting x connections) per request, which at a thousand endpoints starves the
+        # event loop. Waiting probes that share a flight do not take a slot; time spent
+        # waiting for one is not the probe's (see ProbeContext).
+        self.slots = Slots(config.max_concurrent)
+        self.limiter = self.slots.limiter
 
-    async def run(self, spec: ModelSpec, *, deep: bool | None = None) -> ProbeResult:
-        """Probe ``spec`` once and return the verdict; never raises except on cancellation."""
+    async def run(self, spec: ModelSpec, *, deep: bool | None = None,
+                  fresh_after: float | None = None) -> ProbeResult:
+        """Probe ``spec`` once and return the verdict; never raises except on cancellation.
+
+        ``fresh_after`` (anyio's clock): share no request that began at or before it, so a
+        recheck of a server whose earlier probe hangs sends a request of its own.
+        """
         started = time.perf_counter()
+        ctx: ProbeContext | None = None
 
-        def elapsed_ms() -> float:
-            return (time.perf_counter() - started) * 1000.0
+        def elapsed_ms() -> float:  # the probe's own time: not what it spent queued
+            queued = ctx.queued if ctx is not None else 0.0
+            return max(0.0, time.perf_counter() - started - queued) * 1000.0
 
         probe = self.probes.get(spec.provider)
         if probe is None:
@@ -82,11 +91,17 @@ class Prober:
             log=log,
             max_response_bytes=self.config.max_response_bytes,
             flights=self.flights,
-            limiter=self.limiter,
+            slots=self.slots,
+            fresh_after=fresh_after,
         )
         grace = min(_GRACE_MAX, timeout * 0.1)
         result: Any = None
-        with anyio.move_on_after(timeout + grace) as scope:
+        with anyio.CancelScope(deadline=ctx.deadline + grace) as scope:
+
+            def follow(deadline: float) -> None:  # the probe's clock stops while queued
+                scope.deadline = deadline + grace
+
+            ctx.on_deadline = follow
             try:
                 result = await probe.probe(spec, ctx)
             except UpstreamError as exc:  # a probe may let ctx's errors through: fine
