@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .core.model import HTTP_PROVIDERS, MODEL_ID_RE, RESERVED_MODEL_IDS, ModelSpec
+from .core.model import (
+    HTTP_PROVIDERS,
+    MODEL_ID_RE,
+    OPENAI_SERVERS,
+    RESERVED_MODEL_IDS,
+    ModelSpec,
+)
 from .core.settings import (
     Config,
     ControlConfig,
@@ -375,6 +381,8 @@ MODEL_FIELDS: tuple[Key, ...] = (
     Key("sha256", "str", "local_file: pin the file's digest", _check_sha256),
     Key("interval", "duration", "per-model probe interval; default [probe].interval", _positive),
     Key("timeout", "duration", "per-model probe timeout; default [probe].timeout", _positive),
+    Key("server", "str", "openai provider: the server behind the endpoint, whose readiness "
+        "is asked beside the listing; auto detects it", _one_of(*OPENAI_SERVERS)),
 )
 
 _MODEL_DEFAULTS = ModelSpec(id="", provider="")
@@ -521,6 +529,9 @@ def _parse_model(raw: Any, index: int, out: _Collector) -> _ParsedModel:
         out.add(f"{prefix}local_path", 'is required for provider "local_file"')
     if provider in HTTP_PROVIDERS and missing("endpoint"):
         out.add(f"{prefix}endpoint", f'is required for provider "{provider}"')
+    if raw.get("server", "auto") != "auto" and provider is not None and provider != "openai":
+        out.add(f"{prefix}server", 'applies to provider "openai" only (it names the '
+                f'OpenAI-compatible server behind the endpoint), not "{provider}"')
     if len(out.errors) > before:
         return _ParsedModel(None, label, model_id, provider)
     values.setdefault("model", values["id"])

@@ -63,9 +63,53 @@ async def test_health_and_info_routes_per_flavor() -> None:
     assert info["model_id"] == "org/model" and health.status_code == 200
     assert vllm_health.status_code == 200 and vllm_health.content == b""
     assert missing.status_code == 404
-    assert missing.json() == {"object": "error", "message": "The model `x` does not exist.",
-                              "type": "NotFoundError", "param": None, "code": 404}
+    assert missing.json() == {"error": {"message": "The model `x` does not exist.",
+                                        "type": "NotFoundError", "param": None, "code": 404}}
     assert no_health.status_code == 404 and no_health.json() == {"detail": "Not Found"}
+
+
+@pytest.mark.anyio
+async def test_readiness_states_per_flavor_as_the_real_servers_send_them() -> None:
+    async with httpx.AsyncClient(timeout=0.5) as client:
+        async with FakeOpenAI(["m"], flavor="vllm") as fake:
+            fake.set_mode("dead")
+            vllm = [await client.get(fake.url + p) for p in ("/v1/models", "/health")]
+            vllm_chat = await client.post(fake.url + "/v1/chat/completions",
+                                          json={"model": "m", "messages": []})
+        async with FakeOpenAI(["m"], flavor="sglang") as fake:
+            ready = await client.get(fake.url + "/health")
+            fake.set_mode("loading")
+            sglang = [await client.get(fake.url + p) for p in ("/v1/models", "/health")]
+            fake.set_mode("dead")
+            with pytest.raises(httpx.ReadTimeout):  # a stuck scheduler: /health waits
+                await client.get(fake.url + "/health")
+        async with FakeOpenAI(["org/m"], flavor="tgi") as fake:
+            fake.set_mode("dead")
+            tgi = await client.get(fake.url + "/health")
+    assert [r.status_code for r in vllm] == [200, 503] and vllm[1].content == b""
+    assert vllm[0].headers["server"] == "uvicorn"
+    assert vllm_chat.status_code == 500
+    assert vllm_chat.json()["error"]["message"].startswith("EngineCore encountered an issue")
+    assert ready.status_code == 200 and ready.content == b""
+    assert [r.status_code for r in sglang] == [200, 503] and sglang[1].content == b""
+    assert sglang[0].json()["data"][0]["owned_by"] == "sglang"
+    assert tgi.status_code == 503
+    assert tgi.json() == {"error": "unhealthy", "error_type": "healthcheck"}
+    assert "server" not in tgi.headers  # axum sends none; nor does llama.cpp's cpp-httplib
+
+
+@pytest.mark.anyio
+async def test_reasoning_models_spend_a_tiny_budget_before_any_visible_output() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
+    async with httpx.AsyncClient() as client:
+        async with FakeOpenAI(["m"], flavor="vllm", reasoning="empty") as fake:
+            empty = (await client.post(fake.url + "/v1/chat/completions", json=body)).json()
+        async with FakeOpenAI(["m"], reasoning="limit_error") as fake:
+            refused = await client.post(fake.url + "/v1/chat/completions", json=body)
+    choice = empty["choices"][0]
+    assert choice["finish_reason"] == "length" and choice["message"]["content"] is None
+    assert refused.status_code == 400
+    assert "max_tokens or model output limit was reached" in refused.json()["error"]["message"]
 
 
 @pytest.mark.anyio
@@ -149,7 +193,7 @@ def test_unknown_modes_and_flavors_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown flavor"):
         FakeOpenAI(flavor="bard")
     assert {"down", "hang", "drip", "huge", "reset", "html", "badjson", "redirect",
-            "error500", "loading", "unauthorized", "ratelimited", "normal"} == MODES
+            "error500", "loading", "dead", "unauthorized", "ratelimited", "normal"} == MODES
 
 
 # ----------------------------------------------------------------------------- threads

@@ -22,6 +22,10 @@ RESERVED_MODEL_IDS = frozenset({"promote", "rollback", "auto-upgrade", "offline-
 #: Providers probed over HTTP; they need an endpoint.
 HTTP_PROVIDERS = frozenset({"openai", "ollama"})
 
+#: What ``server`` may name on an ``openai`` model: the servers whose readiness the probe
+#: knows, "openai" for any other (a listing alone), "auto" to detect it.
+OPENAI_SERVERS = ("auto", "vllm", "sglang", "llamacpp", "tgi", "llama-cpp-python", "openai")
+
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
@@ -100,6 +104,7 @@ class ModelSpec:
     sha256: str = ""
     interval: float | None = None  # seconds; None: [probe].interval
     timeout: float | None = None  # seconds; None: [probe].timeout
+    server: str = "auto"  # openai provider: which server answers (OPENAI_SERVERS)
 
     @property
     def upstream_name(self) -> str:

@@ -78,7 +78,7 @@ class _ChatMixin:
     """The generation routes and their faults, on top of a fake server."""
 
     flavor: str
-    server_header: str
+    server_header: str | None  # None: no Server header (llama.cpp, TGI, Ollama send none)
     #: tokens per answer (streamed: one chunk each)
     tokens: int
     #: seconds between two streamed chunks
@@ -249,7 +249,7 @@ class _ChatMixin:
 
     async def _send_head(self, conn: h11.Connection, stream: anyio.abc.SocketStream,
                          response: FakeResponse, *, chunked: bool) -> None:
-        headers = [("server", self.server_header)]
+        headers = [("server", self.server_header)] if self.server_header else []
         if response.content_type:
             headers.append(("content-type", response.content_type))
         headers.extend(response.headers)

@@ -1,8 +1,10 @@
 """Fake upstream servers and model files, for tests, benchmarks and ``modeld demo``.
 
-:class:`FakeOpenAI` speaks the OpenAI-compatible API as OpenAI, vLLM, llama.cpp server,
-llama-cpp-python or TGI do (``flavor=``), quirks included; :class:`FakeOllama` speaks Ollama's
-API. Both are written on anyio and h11 directly so they can misbehave on purpose: see
+:class:`FakeOpenAI` speaks the OpenAI-compatible API as OpenAI, vLLM, SGLang, llama.cpp
+server, llama-cpp-python or TGI do (``flavor=``), quirks, readiness routes and their failure
+states included (a dead vLLM engine, a warming SGLang, a loading llama.cpp: see ``dead`` and
+``loading`` in :data:`MODES`); :class:`FakeOllama` speaks Ollama's API. Both are written
+on anyio and h11 directly so they can misbehave on purpose: see
 :data:`MODES` (refuse connections, hang, drip the body, send 100 MB, reset mid-body, answer
 with an HTML error page or broken JSON, redirect in a loop, 500, loading, 401, 429).
 
@@ -71,13 +73,16 @@ MODES: frozenset[str] = frozenset({
     "badjson",       # 200, Content-Type JSON, body that is not JSON
     "redirect",      # 302 to the same URL: a redirect loop
     "error500",      # 500 with the flavor's JSON error body
-    "loading",       # llama.cpp's 503 "Loading model" (and meta: null in its model list)
+    "loading",       # still starting: llama.cpp's 503 "Loading model" (meta: null in its
+                     # list), SGLang's warm-up (/health 503, the rest answers)
+    "dead",          # up but cannot serve: vLLM's dead engine (lists, /health 503, chat 500),
+                     # TGI unhealthy (/health 503), SGLang's stuck scheduler (/health hangs)
     "unauthorized",  # 401 with the flavor's error body
     "ratelimited",   # 429 with Retry-After
 })
 
 #: The OpenAI-compatible servers :class:`FakeOpenAI` can imitate.
-FLAVORS: tuple[str, ...] = ("openai", "vllm", "llamacpp", "llama-cpp-python", "tgi")
+FLAVORS: tuple[str, ...] = ("openai", "vllm", "sglang", "llamacpp", "llama-cpp-python", "tgi")
 
 MAX_REQUEST_BODY = 1 << 20
 _HUGE_CHUNK = 1 << 16
@@ -93,6 +98,10 @@ class FakeResponse:
     body: bytes = b""
     content_type: str | None = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
+
+
+#: A response that never comes: the fake reads the request and waits forever.
+HANG = FakeResponse(0)
 
 
 def json_response(
@@ -128,7 +137,8 @@ class FakeUpstream:
     :meth:`error_response` and :meth:`loading_response` for their flavor.
     """
 
-    server_header = "fake"
+    #: The ``Server`` header sent with every response (None: none, as many servers do).
+    server_header: str | None = "fake"
 
     def __init__(self, *, port: int = 0, latency: float = 0.0, host: str = "127.0.0.1") -> None:
         self.host = host
@@ -422,6 +432,11 @@ class FakeUpstream:
                 response = json_response(413, {"error": "request body too large"})
             else:
                 response = self._respond(mode, method, target, path, headers, body)
+            if response is HANG:
+                await anyio.sleep_forever()
+            delay = self.extra_delay(path)
+            if delay:
+                await anyio.sleep(delay)
             keep_open = await self._deliver(conn, stream, response, mode)
             if not keep_open or conn.our_state is not h11.DONE:
                 return
@@ -487,6 +502,10 @@ class FakeUpstream:
             loading = self.loading_response(method, path)
             if loading is not None:
                 return loading
+        if mode == "dead":
+            dead = self.dead_response(method, path)
+            if dead is not None:
+                return dead
         try:
             return self.route(method, path, headers, body)
         except Exception as exc:  # a bug in a fake must show, not hang the client
@@ -500,7 +519,9 @@ class FakeUpstream:
         mode: str,
     ) -> bool:
         """Send ``response`` shaped by ``mode``; whether the connection may be reused."""
-        headers: list[tuple[str, str]] = [("server", self.server_header)]
+        headers: list[tuple[str, str]] = []
+        if self.server_header:
+            headers.append(("server", self.server_header))
         if response.content_type:
             headers.append(("content-type", response.content_type))
         headers.extend(response.headers)
@@ -583,6 +604,14 @@ class FakeUpstream:
             503, {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
         )
 
+    def dead_response(self, method: str, path: str) -> FakeResponse | None:
+        """The answer while the server is up but cannot serve (None: answer normally)."""
+        return self.error_response(500, "Internal Server Error")
+
+    def extra_delay(self, path: str) -> float:
+        """Seconds a response to ``path`` takes beyond ``latency`` (a slow health route)."""
+        return 0.0
+
 
 # ----------------------------------------------------------------------------- OpenAI
 
@@ -590,13 +619,19 @@ class FakeUpstream:
 class FakeOpenAI(FakeUpstream):
     """An OpenAI-compatible server: ``/v1/models``, ``/v1/chat/completions`` and friends.
 
-    ``flavor`` picks whose quirks to reproduce (:data:`FLAVORS`): the list shape (vLLM's extra
-    fields, llama.cpp's ``meta`` and Ollama-style ``models`` key, llama-cpp-python without
-    ``created``, TGI's single model owned by itself), the error shape (OpenAI's nested object,
-    vLLM's ``{"object": "error", ..., "code": 404}``, llama.cpp's ``{"error": {"code": ...}}``,
-    TGI's ``{"error": "...", "error_type"}``), and ``/health`` and ``/info``. With ``api_key``,
-    ``/v1/*`` requests need ``Authorization: Bearer <api_key>``. With ``null_when_empty`` an
-    empty server sends ``"data": null``.
+    ``flavor`` picks whose quirks to reproduce (:data:`FLAVORS`): the list shape (vLLM's and
+    SGLang's extra fields, llama.cpp's ``meta`` and Ollama-style ``models`` key,
+    llama-cpp-python without ``created``, TGI's single model owned by itself), the error shape,
+    the ``Server`` header, the readiness routes (``/health``, vLLM's ``/version``, TGI's
+    ``/info``, SGLang's ``/get_model_info``) and what each says in the ``loading`` and ``dead``
+    modes. With ``api_key``, ``/v1/*`` requests need ``Authorization: Bearer <api_key>``. With
+    ``null_when_empty`` an empty server sends ``"data": null``. ``reasoning`` makes the model
+    a reasoning one whose 1-token budget is spent before any visible output: ``"empty"``
+    answers 200 with no content and ``finish_reason: "length"`` (vLLM, Ollama, OpenRouter),
+    ``"limit_error"`` answers OpenAI's 400 "max_tokens or model output limit was reached".
+    ``health_delay`` delays ``/health`` (SGLang's runs a 1-token generation and takes ≥ 1 s).
+
+    Each shape below names the source file it follows (upstream repositories, recent main).
     """
 
     def __init__(
@@ -609,21 +644,30 @@ class FakeOpenAI(FakeUpstream):
         port: int = 0,
         host: str = "127.0.0.1",
         null_when_empty: bool = False,
+        reasoning: str | None = None,
+        health_delay: float = 0.0,
     ) -> None:
         if flavor not in FLAVORS:
             raise ValueError(f"unknown flavor {flavor!r}; one of {', '.join(FLAVORS)}")
+        if reasoning not in (None, "empty", "limit_error"):
+            raise ValueError(f"unknown reasoning {reasoning!r}; one of empty, limit_error")
         super().__init__(port=port, latency=latency, host=host)
         self.flavor = flavor
         self.api_key = api_key
         self.null_when_empty = null_when_empty
+        self.reasoning = reasoning
+        self.health_delay = health_delay
         self._models: list[str] = list(dict.fromkeys(models))
         self.created = 1715000000
+        # FastAPI apps (vLLM, SGLang, llama-cpp-python) run under uvicorn, which sends
+        # "server: uvicorn"; llama.cpp (cpp-httplib) and TGI (axum/hyper) send none.
         self.server_header = {
             "openai": "cloudflare",
             "vllm": "uvicorn",
-            "llamacpp": "llama.cpp",
+            "sglang": "uvicorn",
+            "llamacpp": None,
             "llama-cpp-python": "uvicorn",
-            "tgi": "text-generation-inference",
+            "tgi": None,
         }[flavor]
 
     # controls
@@ -650,6 +694,8 @@ class FakeOpenAI(FakeUpstream):
 
     def _entry(self, name: str, *, loading: bool = False) -> dict[str, Any]:
         if self.flavor == "vllm":
+            # vllm/entrypoints/openai/protocol.py: ModelCard (owned_by "vllm", root, parent,
+            # max_model_len, permission: [ModelPermission])
             return {
                 "id": name,
                 "object": "model",
@@ -673,7 +719,14 @@ class FakeOpenAI(FakeUpstream):
                     "is_blocking": False,
                 }],
             }
+        if self.flavor == "sglang":
+            # python/sglang/srt/entrypoints/openai/protocol.py: ModelCard (owned_by "sglang")
+            return {"id": name, "object": "model", "created": self.created,
+                    "owned_by": "sglang", "root": name, "parent": None,
+                    "max_model_len": 32768}
         if self.flavor == "llamacpp":
+            # tools/server/server.cpp, handle_models: owned_by "llamacpp", meta (null until
+            # the model is loaded; the route answers during loading)
             meta = None if loading else {
                 "vocab_type": 2,
                 "n_vocab": 128256,
@@ -690,8 +743,10 @@ class FakeOpenAI(FakeUpstream):
                 "meta": meta,
             }
         if self.flavor == "llama-cpp-python":
+            # llama_cpp/server/app.py, get_models: owned_by "me", no created
             return {"id": name, "object": "model", "owned_by": "me", "permissions": []}
         if self.flavor == "tgi":
+            # router/src/server.rs, openai_get_model_info: owned_by is the model id
             return {"id": name, "object": "model", "created": self.created, "owned_by": name}
         return {"id": name, "object": "model", "created": self.created, "owned_by": "system"}
 
@@ -702,6 +757,8 @@ class FakeOpenAI(FakeUpstream):
             data = None
         payload: dict[str, Any] = {"object": "list", "data": data}
         if self.flavor == "llamacpp":
+            # tools/server/server.cpp, handle_models: one body with Ollama-style "models" and
+            # OpenAI-style "object"/"data"
             payload = {
                 "models": [
                     {"name": n, "model": n, "modified_at": "", "size": "", "digest": "",
@@ -724,12 +781,20 @@ class FakeOpenAI(FakeUpstream):
         }.get(status, "Error")
         if self.flavor == "vllm":
             if status == 401:
+                # vllm/entrypoints/openai/api_server.py, the --api-key middleware
                 return json_response(401, {"error": "Unauthorized"})
+            # vllm/entrypoints/openai/protocol.py: ErrorResponse{error: ErrorInfo} (v0.10.2+)
+            return json_response(status, {"error": {
+                "message": message, "type": kind, "param": None, "code": status,
+            }})
+        if self.flavor == "sglang":
+            # python/sglang/srt/entrypoints/openai/protocol.py: ErrorResponse (flat)
             return json_response(status, {
                 "object": "error", "message": message, "type": kind, "param": None,
                 "code": status,
             })
         if self.flavor == "llamacpp":
+            # tools/server/utils.hpp, format_error_response
             llama_type = {
                 401: "authentication_error", 404: "not_found_error", 400: "invalid_request_error",
                 503: "unavailable_error", 501: "not_supported_error",
@@ -738,9 +803,11 @@ class FakeOpenAI(FakeUpstream):
                 status, {"error": {"code": status, "message": message, "type": llama_type}}
             )
         if self.flavor == "tgi":
+            # router/src/lib.rs: ErrorResponse {error, error_type}
             return json_response(status, {"error": message, "error_type": kind.lower()})
         openai_type = {
-            401: "invalid_request_error", 404: "invalid_request_error", 429: "requests",
+            400: "invalid_request_error", 401: "invalid_request_error",
+            404: "invalid_request_error", 429: "requests",
         }.get(status, "server_error")
         code = {401: "invalid_api_key", 404: "model_not_found"}.get(status)
         return json_response(status, {
@@ -748,8 +815,16 @@ class FakeOpenAI(FakeUpstream):
         })
 
     def loading_response(self, method: str, path: str) -> FakeResponse | None:
-        """llama.cpp lists the model with ``meta: null`` while loading; the rest is 503."""
+        """Still starting. llama.cpp lists the model with ``meta: null`` and answers 503
+        "Loading model" elsewhere; SGLang answers everything but ``/health``, which is an empty
+        503 until its warm-up request is done; the others answer 503."""
+        if self.flavor == "sglang":
+            # python/sglang/srt/entrypoints/http_server.py, health_generate: while
+            # server_status is Starting, Response(status_code=503)
+            return FakeResponse(503, b"", None) if path == "/health" else None
         if self.flavor == "llamacpp" and method == "GET" and path in ("/v1/models", "/models"):
+            # tools/server/server.cpp, middleware_server_state: the models routes are let
+            # through during SERVER_STATE_LOADING_MODEL
             return json_response(200, self._model_list(loading=True))
         return json_response(
             503, {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
@@ -757,10 +832,44 @@ class FakeOpenAI(FakeUpstream):
             503, "Loading model"
         )
 
+    def dead_response(self, method: str, path: str) -> FakeResponse | None:
+        """Up but unable to serve: the listing still answers, readiness tells the truth."""
+        if self.flavor == "vllm":
+            if path == "/health":
+                # vllm/entrypoints/serve/instrumentator/health.py: EngineDeadError →
+                # Response(status_code=503), empty
+                return FakeResponse(503, b"", None)
+            if path in ("/v1/chat/completions", "/v1/completions"):
+                # vllm/v1/engine/exceptions.py: EngineDeadError, served as a 500
+                return self.error_response(500, "EngineCore encountered an issue. See stack "
+                                                "trace (above) for the root cause.")
+            return None
+        if self.flavor == "tgi":
+            if path == "/health":
+                # router/src/server.rs, health: 503 ErrorResponse "unhealthy" / "healthcheck"
+                return json_response(503, {"error": "unhealthy", "error_type": "healthcheck"})
+            if path in ("/v1/chat/completions", "/v1/completions", "/generate"):
+                # router/src/server.rs: 424 "Request failed during generation"
+                return json_response(424, {"error": "Request failed during generation",
+                                           "error_type": "generation"})
+            return None
+        if self.flavor == "sglang":
+            # python/sglang/srt/entrypoints/http_server.py, health_generate: a stuck scheduler
+            # leaves the health request waiting HEALTH_CHECK_TIMEOUT (20 s) before its 503
+            return HANG if path in ("/health", "/v1/chat/completions") else None
+        if path in ("/v1/chat/completions", "/v1/completions"):
+            return self.error_response(500, "Internal Server Error")
+        return None
+
+    def extra_delay(self, path: str) -> float:
+        """``health_delay`` for ``/health``."""
+        return self.health_delay if path == "/health" else 0.0
+
     def _authorized(self, path: str, headers: Mapping[str, str]) -> bool:
         if not self.api_key:
             return True
-        if self.flavor in ("llamacpp", "vllm", "tgi") and path in ("/health", "/info"):
+        if self.flavor in ("llamacpp", "vllm", "tgi", "sglang") and path in (
+                "/health", "/info", "/version"):
             return True  # these servers keep their health routes public
         return headers.get("authorization", "") == f"Bearer {self.api_key}"
 
@@ -791,13 +900,23 @@ class FakeOpenAI(FakeUpstream):
             return self._complete(path, body)
         if path == "/health" and method == "GET":
             if self.flavor == "llamacpp":
+                # tools/server/server.cpp, handle_health
                 return json_response(200, {"status": "ok"})
-            if self.flavor in ("vllm", "tgi"):
+            if self.flavor in ("vllm", "tgi", "sglang"):
+                # vLLM: Response(status_code=200); TGI: Ok(()); SGLang: Response(200)
                 return FakeResponse(200, b"", None)
         if path == "/info" and method == "GET" and self.flavor == "tgi":
             return json_response(200, self._tgi_info())
         if path == "/version" and method == "GET" and self.flavor == "vllm":
-            return json_response(200, {"version": "0.6.3"})
+            # vllm/entrypoints/openai/api_server.py, show_version
+            return json_response(200, {"version": "0.11.0"})
+        if path == "/get_model_info" and method == "GET" and self.flavor == "sglang":
+            # python/sglang/srt/entrypoints/http_server.py, get_model_info
+            model = self._models[0] if self._models else ""
+            return json_response(200, {"model_path": model, "tokenizer_path": model,
+                                       "is_generation": True,
+                                       "preferred_sampling_params": None,
+                                       "weight_version": "default"})
         return self._not_found(method, path)
 
     def _complete(self, path: str, body: bytes) -> FakeResponse:
@@ -808,20 +927,29 @@ class FakeOpenAI(FakeUpstream):
         if not isinstance(request, dict):
             return self.error_response(400, "the JSON body must be an object")
         name = str(request.get("model") or "")
-        checks_name = self.flavor in ("openai", "vllm")
+        checks_name = self.flavor in ("openai", "vllm", "sglang")
         if checks_name and name not in self._models:
             message = (
                 f"The model `{name}` does not exist."
-                if self.flavor == "vllm"
+                if self.flavor in ("vllm", "sglang")
                 else f"The model `{name}` does not exist or you do not have access to it."
             )
             return self.error_response(404, message)
         served = name if checks_name else (self._models[0] if self._models else name)
         if self.flavor == "tgi":
             served = "tgi"
+        budget = request.get("max_tokens", request.get("max_completion_tokens"))
+        cut = isinstance(budget, int) and budget <= 4
+        if self.reasoning == "limit_error" and cut:
+            # what OpenAI answers when max_tokens fits no visible token on a reasoning model
+            # (BerriAI/litellm issues 26987, PR 36859)
+            return self.error_response(400, "Could not finish the message because max_tokens "
+                                            "or model output limit was reached. Please try "
+                                            "again with higher max_tokens.")
         prompt_tokens = max(1, len(body) // 16)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 1,
-                 "total_tokens": prompt_tokens + 1}
+        completion = budget if isinstance(budget, int) and budget > 0 and cut else 1
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                 "total_tokens": prompt_tokens + completion}
         now = int(time.time())
         if path == "/v1/completions":
             return json_response(200, {
@@ -830,14 +958,19 @@ class FakeOpenAI(FakeUpstream):
                              "finish_reason": "length"}],
                 "usage": usage,
             })
+        reply: dict[str, Any] = {"role": "assistant", "content": "Hi"}
+        if self.reasoning == "empty" and cut:
+            # vLLM with a reasoning parser: the budget went on reasoning_content
+            reply = {"role": "assistant", "content": None, "reasoning_content": "Okay"}
         return json_response(200, {
             "id": "chatcmpl-fake", "object": "chat.completion", "created": now, "model": served,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"},
+            "choices": [{"index": 0, "message": reply,
                          "logprobs": None, "finish_reason": "length"}],
             "usage": usage,
         })
 
     def _tgi_info(self) -> dict[str, Any]:
+        # router/src/lib.rs: Info
         model_id = self._models[0] if self._models else ""
         return {
             "model_id": model_id, "model_sha": None, "model_dtype": "torch.float16",
@@ -849,13 +982,13 @@ class FakeOpenAI(FakeUpstream):
         }
 
     def _method_not_allowed(self) -> FakeResponse:
-        if self.flavor in ("vllm", "llama-cpp-python"):
-            return json_response(405, {"detail": "Method Not Allowed"})
+        if self.flavor in ("vllm", "sglang", "llama-cpp-python"):
+            return json_response(405, {"detail": "Method Not Allowed"})  # FastAPI's
         return self.error_response(405, "Method Not Allowed")
 
     def _not_found(self, method: str, path: str) -> FakeResponse:
-        if self.flavor in ("vllm", "llama-cpp-python"):
-            return json_response(404, {"detail": "Not Found"})
+        if self.flavor in ("vllm", "sglang", "llama-cpp-python"):
+            return json_response(404, {"detail": "Not Found"})  # FastAPI's
         if self.flavor == "llamacpp":
             return text_response(404, "File Not Found")
         if self.flavor == "tgi":
@@ -879,7 +1012,7 @@ class FakeOllama(FakeUpstream):
     ``{"error": "model 'x' not found"}``.
     """
 
-    server_header = "ollama"
+    server_header: str | None = None  # Go's net/http sends no Server header
     keep_alive = timedelta(minutes=5)
 
     def __init__(

@@ -61,11 +61,12 @@ async def test_hung_servers_cost_their_own_models_never_a_healthy_neighbours(
         assert entry.health.probes_total >= 3  # kept probed, not starved by the hung ones
         # the latency is the request's own, not the time it queued behind the hung servers
         assert all(r.latency_ms is not None and r.latency_ms < 100 for r in entry.recent)
-    for i in range(HUNG_SERVERS):
-        entry = registry.models[f"hung-{i}"]
-        assert entry.health.failures_total >= 1
-        assert all(r.reason == f"timed out after {TIMEOUT_S:g}s" for r in entry.recent
-                   if not r.status.ok)
+    # the hung servers' own models pay: they share half of the slots between them, so not
+    # every one has a verdict yet, and every failure they have is their own timeout
+    hung_entries = [registry.models[f"hung-{i}"] for i in range(HUNG_SERVERS)]
+    assert sum(1 for e in hung_entries if e.health.failures_total) >= HUNG_SERVERS // 2
+    assert all(r.reason.endswith(f"timed out after {TIMEOUT_S:g}s")  # listing or /health
+               for e in hung_entries for r in e.recent if not r.status.ok)
 
 
 async def test_one_endpoint_holds_at_most_its_share_of_the_slots() -> None:
