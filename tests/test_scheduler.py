@@ -1,17 +1,22 @@
-"""The probe scheduler's bookkeeping, in process (no sockets): outcomes observed outside the
-probes (the front door, an application's report) fold in and start rechecks at once."""
+"""The probe scheduler: its bookkeeping in process (outcomes observed outside the probes fold
+in and start rechecks at once), and its timing against fakes on 127.0.0.1 (a hung server is
+found out without waiting for each probe's timeout in turn)."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
+from scheduler_support import in_process_daemon, scheduling
 
 from daemon.config import parse_config
-from daemon.core.model import ProbeResult
+from daemon.core.model import HealthStatus, ProbeResult
 from daemon.service.lifecycle import Daemon
+from daemon.testing.fakes import FakeOpenAI
 
 
 def make_daemon(tmp_path: Path) -> Daemon:
@@ -55,3 +60,69 @@ async def test_an_observed_failure_wakes_the_endpoints_loop(tmp_path: Path) -> N
     scheduler.observe("b", ProbeResult.failure("connection refused"))
     with anyio.fail_after(1):
         await woken.wait()
+
+
+# ----------------------------------------------------------------------------- hang detection
+
+TIMEOUT_S = 0.6
+RECHECK_S = 0.1
+THRESHOLD = 3
+#: DESIGN.md §3: unavailable about this long after the first unanswered probe
+TARGET_S = TIMEOUT_S + (THRESHOLD - 1) * RECHECK_S
+#: before: each recheck waited for the previous probe's timeout
+BEFORE_S = THRESHOLD * TIMEOUT_S + (THRESHOLD - 1) * RECHECK_S
+
+
+def hang_daemon(tmp_path: Path, url: str, interval: str = "300ms") -> Daemon:
+    return in_process_daemon(
+        tmp_path,
+        [{"id": "llama", "provider": "openai", "endpoint": url, "server": "openai"}],
+        probe={"interval": interval, "timeout": TIMEOUT_S, "recheck_interval": RECHECK_S},
+        health={"failure_threshold": THRESHOLD})
+
+
+async def until(predicate: Any, timeout: float) -> float:
+    """Poll ``predicate`` every 10 ms; the monotonic time it first held."""
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.01)
+    return time.monotonic()
+
+
+@pytest.mark.anyio
+async def test_a_server_that_accepts_and_never_answers_is_unavailable_within_the_target(
+        tmp_path: Path) -> None:
+    async with FakeOpenAI(["llama"], flavor="llamacpp") as fake:
+        daemon = hang_daemon(tmp_path, fake.url)
+        entry = daemon.registry.models["llama"]
+        async with scheduling(daemon):
+            await until(lambda: entry.health.consecutive_successes >= 2, 3.0)
+            fake.reset_counts()
+            fake.set_mode("hang")  # like a llama-server stopped by SIGSTOP
+            unavailable_at = await until(
+                lambda: entry.health.status is HealthStatus.UNAVAILABLE, BEFORE_S + 2.0)
+            hung = fake.arrivals("GET", "/v1/models")
+    took = unavailable_at - hung[0]
+    print(f"unavailable {took:.3f} s after the first unanswered probe "
+          f"(target {TARGET_S:.2f} s)")
+    # the rechecks did not wait for the first probe's timeout: they started a recheck
+    # interval apart, each with a request of its own, never more than the threshold at once
+    assert len(hung) >= THRESHOLD
+    assert hung[THRESHOLD - 1] - hung[0] < TIMEOUT_S
+    in_flight_at_most = max(sum(1 for a in hung if t - TIMEOUT_S < a <= t) for t in hung)
+    assert in_flight_at_most <= THRESHOLD
+    assert took < (TARGET_S + BEFORE_S) / 2, f"{took:.2f} s (target {TARGET_S:.2f} s)"
+
+
+@pytest.mark.anyio
+async def test_a_slow_model_is_not_rechecked_before_its_probe_answers(tmp_path: Path) -> None:
+    # 0.25 s a reply: well over the recheck interval, so a probe in flight is not overdue
+    async with FakeOpenAI(["llama"], flavor="llamacpp", latency=0.25) as fake:
+        daemon = hang_daemon(tmp_path, fake.url, interval="100ms")
+        entry = daemon.registry.models["llama"]
+        async with scheduling(daemon):
+            await until(lambda: entry.health.probes_total >= 4, 5.0)
+            arrivals = fake.arrivals("GET", "/v1/models")
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert min(gaps) >= 0.25 - 0.02, gaps  # one probe at a time
+    assert entry.health.status is HealthStatus.HEALTHY

@@ -1,6 +1,13 @@
 """The probe scheduler: one loop per endpoint, every model probed on its interval (jittered),
 re-probed at the recheck pace while its verdict is open, and each result folded into the
-registry."""
+registry.
+
+A probe still unanswered after ``recheck_interval`` (when the model usually answers in a
+fraction of that) does not hold the next recheck back: the next one starts, with a request of
+its own, up to ``failure_threshold`` probes of one model in flight. A server that accepts and
+never answers is so unavailable about ``timeout + (failure_threshold - 1) × recheck_interval``
+after its first unanswered probe, not ``failure_threshold × (timeout + recheck_interval)``.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from ..core.health import needs_recheck
-from ..core.model import ModelSpec, ProbeResult
+from ..core.model import HealthStatus, ModelSpec, ProbeResult
 from ..probing.limits import bounded_result
 from ..probing.plugins import notify_observers
 
@@ -20,6 +27,9 @@ if TYPE_CHECKING:
     from .lifecycle import Daemon
 
 GROUP_SLACK = 0.05  # seconds: models of one endpoint due this close together share a tick
+#: A probe is overdue once unanswered for this many times the model's usual latency (and
+#: for recheck_interval at least): "far below" in DESIGN.md §3.
+HANG_FACTOR = 4.0
 
 
 class ProbeScheduler:
@@ -80,7 +90,20 @@ class ProbeScheduler:
             if waker is not None:
                 waker.set()
 
-    async def _probe(self, model_id: str, tick: float, jitter: float) -> None:
+    def overdue_after(self, model_id: str) -> float | None:
+        """Seconds after which a probe of ``model_id`` still unanswered counts as hanging, so
+        that the next recheck starts beside it; None when no recheck should start (the model
+        is unavailable already: its rechecks wait for answers)."""
+        entry = self.daemon.registry.models.get(model_id)
+        if entry is None or entry.health.status is HealthStatus.UNAVAILABLE:
+            return None
+        usual_ms = entry.health.p95
+        if usual_ms is None:
+            usual_ms = entry.spec.latency_estimate
+        return max(self.daemon.config.probe.recheck_interval, HANG_FACTOR * usual_ms / 1000.0)
+
+    async def _probe(self, model_id: str, tick: float, jitter: float,
+                     fresh_after: float | None = None) -> None:
         daemon = self.daemon
         entry = daemon.registry.models.get(model_id)
         if entry is None:
@@ -94,7 +117,7 @@ class ProbeScheduler:
         assert daemon.prober is not None
         # no limiter here: the prober bounds upstream requests (max_concurrent), and a probe
         # waiting on another's shared request must not hold a slot while it waits
-        result = await daemon.prober.run(spec)
+        result = await daemon.prober.run(spec, fresh_after=fresh_after)
         self.apply(spec, result)
         changed_decisions = daemon.registry.decision_version
         entry = daemon.registry.models.get(model_id)
@@ -113,36 +136,60 @@ class ProbeScheduler:
         """Probe the models behind one endpoint on shared ticks, so their requests coalesce.
 
         A probe still running does not hold the others back: a deep probe or a long
-        per-model timeout must not slow its neighbours' rechecks after a failure.
+        per-model timeout must not slow its neighbours' rechecks after a failure. Nor does it
+        hold its own model's next recheck back once it is overdue (see :meth:`overdue_after`):
+        up to ``failure_threshold`` probes of a model may be in flight, each later one with a
+        request of its own (``fresh_after``), shared only by the rechecks of the same tick.
         """
-        in_flight: set[str] = set()
+        in_flight: dict[str, list[float]] = {}  # model id → start times of its probes
         wake = anyio.Event()
         waiting_until = math.inf
+        most = max(1, self.daemon.config.health.failure_threshold)
 
-        async def probe(model_id: str, tick: float, jitter: float) -> None:
+        async def probe(model_id: str, tick: float, jitter: float,
+                        fresh_after: float | None) -> None:
             try:
-                await self._probe(model_id, tick, jitter)
+                await self._probe(model_id, tick, jitter, fresh_after)
             finally:
-                in_flight.discard(model_id)
+                starts = in_flight.get(model_id, [])
+                if tick in starts:
+                    starts.remove(tick)
+                if not starts:
+                    in_flight.pop(model_id, None)
                 # wake the loop only when this model is due sooner than it planned to wake:
                 # a sweep's models all finish due at the same time, and waking the loop for
                 # each of them would rescan the group once per model
-                if self.next_due.get(model_id, 0.0) < waiting_until:
+                if starts or self.next_due.get(model_id, 0.0) < waiting_until:
                     wake.set()
+
+        def overdue_at(model_id: str) -> float:
+            """When ``model_id``'s newest probe in flight turns overdue (inf: never)."""
+            starts = in_flight[model_id]
+            if len(starts) >= most:
+                return math.inf
+            after = self.overdue_after(model_id)
+            return math.inf if after is None else max(starts) + after
 
         async with anyio.create_task_group() as tg:
             while True:
                 wake = self._wakers[key] = anyio.Event()
                 tick = time.monotonic()
+                horizon = tick + GROUP_SLACK
                 due = [m for m in model_ids if m not in in_flight
-                       and self.next_due.get(m, 0.0) <= tick + GROUP_SLACK]
-                if due:
+                       and self.next_due.get(m, 0.0) <= horizon]
+                overdue = [m for m in model_ids if m in in_flight and overdue_at(m) <= horizon]
+                if due or overdue:
                     jitter = random.uniform(0.9, 1.1)
+                    fresh_after = anyio.current_time()  # share no request begun before now
                     for model_id in due:
-                        in_flight.add(model_id)
-                        tg.start_soon(probe, model_id, tick, jitter)
-                waiting_until = min((self.next_due.get(m, tick) for m in model_ids
-                                     if m not in in_flight), default=math.inf)
+                        in_flight[model_id] = [tick]
+                        tg.start_soon(probe, model_id, tick, jitter, None)
+                    for model_id in overdue:
+                        in_flight[model_id].append(tick)
+                        tg.start_soon(probe, model_id, tick, jitter, fresh_after)
+                waiting_until = min(
+                    (overdue_at(m) if m in in_flight else self.next_due.get(m, tick)
+                     for m in model_ids), default=math.inf)
                 with anyio.move_on_after(max(waiting_until - time.monotonic(), 0.0)):
                     await wake.wait()
 

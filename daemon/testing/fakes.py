@@ -34,7 +34,7 @@ import socket
 import struct
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -150,6 +150,7 @@ class FakeUpstream:
         #: Body size in ``huge`` mode.
         self.huge_size = 100 * 1024 * 1024
         self._counts: Counter[tuple[str, str]] = Counter()
+        self._arrivals: deque[tuple[float, str, str]] = deque(maxlen=10_000)
         self._agents: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
         self._last_bodies: dict[tuple[str, str], bytes] = {}
@@ -216,8 +217,15 @@ class FakeUpstream:
         """Zero the request counters."""
         with self._counts_lock:
             self._counts.clear()
+            self._arrivals.clear()
             self._agents.clear()
             self._last_bodies.clear()
+
+    def arrivals(self, method: str, path: str) -> list[float]:
+        """When each ``method path`` request arrived (``time.monotonic()``), oldest first;
+        the latest 10,000 requests are kept."""
+        with self._counts_lock:
+            return [at for at, m, p in self._arrivals if (m, p) == (method.upper(), path)]
 
     # ------------------------------------------------------------------ controls
 
@@ -420,6 +428,7 @@ class FakeUpstream:
             headers = {k.decode().lower(): v.decode("latin-1") for k, v in request.headers}
             with self._counts_lock:
                 self._counts[(method, path)] += 1
+                self._arrivals.append((time.monotonic(), method, path))
                 self._agents[headers.get("user-agent", "")] += 1
                 if body:
                     self._last_bodies[(method, path)] = body
