@@ -18,6 +18,7 @@ from common import BENCH_DIR, RESULTS_DIR, machine, table
 BENCHMARKS = {
     "probe_sweep": "bench_probe_sweep.py",
     "failover": "bench_failover.py",
+    "hang": "bench_hang.py",
     "control_socket": "bench_control_socket.py",
     "footprint": "bench_footprint.py",
     "cli": "bench_cli.py",
