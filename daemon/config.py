@@ -232,6 +232,9 @@ SCHEMA: dict[str, tuple[type, tuple[Key, ...]]] = {
                 _one_of("auto", "json", "console")),
             Key("state_flush_interval", "duration", "how often probe-driven state is written "
                 "when it changed (decisions are written at once)", _positive),
+            Key("state_checkpoint", "duration", "observations that change no verdict "
+                "(latencies, counters) are written at most this often; 0s: with every flush",
+                _non_negative),
             Key("shutdown_grace", "duration", "on SIGTERM, how long in-flight requests may finish"),
             Key("max_connections", "int", "control-socket connections served at once", _positive),
             Key("request_timeout", "duration", "a client must send a whole request within this "

@@ -20,12 +20,10 @@ from daemon.service.lifecycle import Daemon
 def in_process_daemon(tmp_path: Path, models: list[dict[str, Any]],
                       **sections: dict[str, Any]) -> Daemon:
     """A Daemon for ``models`` with its plugins loaded (built-in ones only), not serving."""
-    config = parse_config({
-        "daemon": {"state_file": str(tmp_path / "state.json"),
-                   "socket": str(tmp_path / "s.sock"), "plugin_dirs": []},
-        **sections,
-        "models": models,
-    })
+    daemon_section = {"state_file": str(tmp_path / "state.json"),
+                      "socket": str(tmp_path / "s.sock"), "plugin_dirs": [],
+                      **sections.pop("daemon", {})}
+    config = parse_config({"daemon": daemon_section, **sections, "models": models})
     daemon = Daemon(config, environ={})
     daemon._load_plugins()
     return daemon

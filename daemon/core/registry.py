@@ -4,9 +4,11 @@ Pure and synchronous: no I/O, no awaits, no clock reads (``now`` is passed in). 
 operation therefore runs atomically with respect to the event loop and needs no lock.
 Every change records an :class:`~daemon.core.model.Event` and bumps ``version``; decisions
 (promote, rollback, offline, reload, holds) also bump ``decision_version`` so the daemon knows
-to make them durable before it answers. Events are queued and handed to the listeners only
-once the operation has finished its change: a listener that raises, or that calls back into
-the registry, never sees (or leaves) a half-done rollback.
+to make them durable before it answers. ``material_version`` is the ``version`` of the last
+change worth saving soon: everything but a probe that left the verdict as it was (its
+latency, counters and window are checkpointed, not saved each time). Events are queued and
+handed to the listeners only once the operation has finished its change: a listener that
+raises, or that calls back into the registry, never sees (or leaves) a half-done rollback.
 
 The seed's names are kept: ``get_model_for_use``, ``promote_model``, ``rollback_model``,
 ``set_offline_mode``, ``auto_upgrade_check``, ``evaluate_model`` (here ``apply_probe``: the
@@ -332,6 +334,7 @@ class ModelRegistry:
         self.event_seq = 0
         self.version = 0
         self.decision_version = 0
+        self.material_version = 0
         self.listeners: list[Callable[[Event], None]] = []
         self._pending: deque[Event] = deque()  # recorded, not yet handed to the listeners
         self._depth = 0  # operations in progress (they call each other)
@@ -490,16 +493,19 @@ class ModelRegistry:
         """Whether offline rules allow the model: any model online, only local ones offline."""
         return not self.offline_mode or entry.spec.local
 
-    def _touch(self, decision: bool = False) -> None:
+    def _touch(self, decision: bool = False, material: bool = True) -> None:
         self.version += 1
         if decision:
             self.decision_version += 1
+        if material or decision:
+            self.material_version = self.version
 
     def _emit(self, now: float, kind: EventKind, *, role: str = "", model_id: str = "",
               from_id: str | None = None, to_id: str | None = None, reason: str = "",
               actor: str = "daemon", **data: Any) -> Event:
         self.event_seq += 1
         self.version += 1  # events are saved: one never saved could see its seq reused
+        self.material_version = self.version
         event = Event(seq=self.event_seq, at=now, kind=kind, role=role, model_id=model_id,
                       from_id=from_id or "", to_id=to_id or "", reason=reason, actor=actor,
                       data=MappingProxyType(data))
@@ -556,8 +562,10 @@ class ModelRegistry:
         record = ProbeRecord(now, result.status, result.reason, result.latency_ms, result.facts)
         entry.last_probe = record
         entry.recent.append(record)
+        # a probe that leaves the verdict as it was moves only latencies and counters: worth a
+        # checkpoint, not a write of its own (a verdict change emits an event, which is)
+        self._touch(material=entry.not_probed != "")
         entry.not_probed = ""
-        self._touch()
         new = entry.health.status
         if new is old:
             return ProbeApplied(old, new, None)

@@ -21,6 +21,7 @@ class DaemonConfig:
     metrics_listen: str = ""
     log_format: str = "auto"
     state_flush_interval: float = 2.0
+    state_checkpoint: float = 300.0
     shutdown_grace: float = 5.0
     max_connections: int = 1024
     request_timeout: float = 10.0
