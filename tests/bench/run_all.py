@@ -19,6 +19,7 @@ BENCHMARKS = {
     "probe_sweep": "bench_probe_sweep.py",
     "failover": "bench_failover.py",
     "hang": "bench_hang.py",
+    "quiet": "bench_quiet.py",
     "control_socket": "bench_control_socket.py",
     "footprint": "bench_footprint.py",
     "cli": "bench_cli.py",
