@@ -162,13 +162,18 @@ class ProbeScheduler:
                 if starts or self.next_due.get(model_id, 0.0) < waiting_until:
                     wake.set()
 
+        hang_after: dict[str, float | None] = {}  # overdue_after, as of the sweep's launch
+        registry = self.daemon.registry
+
         def overdue_at(model_id: str) -> float:
             """When ``model_id``'s newest probe in flight turns overdue (inf: never)."""
             starts = in_flight[model_id]
-            if len(starts) >= most:
+            after = hang_after.get(model_id)
+            entry = registry.models.get(model_id)
+            if (len(starts) >= most or after is None or entry is None
+                    or entry.health.status is HealthStatus.UNAVAILABLE):
                 return math.inf
-            after = self.overdue_after(model_id)
-            return math.inf if after is None else max(starts) + after
+            return starts[-1] + after
 
         async with anyio.create_task_group() as tg:
             while True:
@@ -183,6 +188,7 @@ class ProbeScheduler:
                     fresh_after = anyio.current_time()  # share no request begun before now
                     for model_id in due:
                         in_flight[model_id] = [tick]
+                        hang_after[model_id] = self.overdue_after(model_id)
                         tg.start_soon(probe, model_id, tick, jitter, None)
                     for model_id in overdue:
                         in_flight[model_id].append(tick)

@@ -64,7 +64,7 @@ def trial(daemon: DaemonProcess, fake: FakeOpenAI, rng: random.Random) -> dict[s
     sent = [a for a in arrivals if a <= unavailable_at]
     # a request is in flight from its arrival until the client's deadline cuts it: timeout
     # after the request started, which is a few ms before it arrives
-    cut = TIMEOUT - 0.02
+    cut = TIMEOUT - 0.05
     in_flight = max(sum(1 for a in sent if t - cut < a <= t) for t in sent)
     fake.set_mode("normal")
     for _ in range(2):  # success_threshold 2: back at once
