@@ -45,8 +45,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import anyio
-
 from daemon import (
     ModelSpec,
     ProbeContext,
@@ -115,6 +113,19 @@ def judge_status(reply: Reply, what: str) -> ProbeResult | None:
     if reason is None:
         return None
     return ProbeResult.failure(reason, reply.elapsed_ms, http_status=reply.status)
+
+
+def _listing(answer: Reply | UpstreamError) -> tuple[Reply, Any] | ProbeResult:
+    """The listing and its JSON, or the result that ends the probe (as ``fetch_json``)."""
+    if isinstance(answer, UpstreamError):
+        return ProbeResult.failure(answer.reason)
+    verdict = judge_status(answer, "GET /v1/models")
+    if verdict is not None:
+        return verdict
+    try:
+        return answer, answer.json()
+    except UpstreamError as exc:
+        return ProbeResult.failure(exc.reason, answer.elapsed_ms, http_status=answer.status)
 
 
 def detect_server(reply: Reply, data: dict[str, Any], entries: list[Any]) -> tuple[str | None,
@@ -225,21 +236,14 @@ class OpenAIProbe:
         auto = spec.server == "auto"
         server = self.servers.get(root) if auto else spec.server
         ready: dict[str, Reply | UpstreamError] = {}
-        fetched: tuple[Reply, Any] | ProbeResult | None = None
-
-        async def listing() -> None:
-            nonlocal fetched
-            fetched = await fetch_json(ctx, "GET", f"{api_base(spec.endpoint)}/models",
-                                       "GET /v1/models", judge_status, headers=headers)
-
+        listing_url = f"{api_base(spec.endpoint)}/models"
         path = self._readiness_path(root, server)
         if path is None:
-            await listing()
-        else:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(listing)
-                tg.start_soon(self._ask, ctx, root, path, headers, ready)
-        assert fetched is not None
+            answers = await ctx.get_json_many([listing_url], headers=headers)
+        else:  # both at once, shared with the endpoint's other models
+            answers = await ctx.get_json_many([listing_url, f"{root}{path}"], headers=headers)
+            ready[path] = answers[1]
+        fetched = _listing(answers[0])
         if isinstance(fetched, ProbeResult):
             return fetched
         reply, data = fetched

@@ -410,3 +410,33 @@ async def test_a_key_echoed_in_an_exception_is_masked_in_the_log_and_the_reason(
             spec(provider="p", api_key_env="KEY_FOR_TEST"))
     assert "SECRET" not in result.reason and "***" in result.reason
     assert "SECRET" not in json.dumps(logs, default=str)
+
+
+async def test_get_json_many_shares_each_request_and_answers_in_order() -> None:
+    seen: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        await anyio.sleep(0.05)
+        if request.url.path == "/down":
+            raise httpx.ConnectError("refused")
+        return httpx.Response(200, json={"path": request.url.path})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        flights = SingleFlight()
+        answers: list[list[Reply | UpstreamError]] = []
+
+        async def sweep_member() -> None:
+            ctx = ProbeContext(client, timeout=1.0, flights=flights)
+            answers.append(await ctx.get_json_many(
+                ["http://u.test/v1/models", "http://u.test/health", "http://u.test/down"]))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(10):
+                tg.start_soon(sweep_member)
+    assert sorted(seen) == ["/down", "/health", "/v1/models"]  # one each for all ten
+    for listing, health, down in answers:
+        assert isinstance(listing, Reply) and listing.json() == {"path": "/v1/models"}
+        assert isinstance(health, Reply) and health.json() == {"path": "/health"}
+        assert isinstance(down, UpstreamError) and down.reason == "connection refused"
+    assert len(flights) == 0

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json as jsonlib
 import math
@@ -385,8 +386,13 @@ def _fingerprint(headers: Mapping[str, str] | None) -> str:
     """A digest of request headers: part of a flight key without holding a token in clear."""
     if not headers:
         return ""
-    lines = sorted(f"{name.lower()}:{value}" for name, value in headers.items())
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    return _digest(tuple(sorted((name.lower(), value) for name, value in headers.items())))
+
+
+@functools.lru_cache(maxsize=1024)
+def _digest(items: tuple[tuple[str, str], ...]) -> str:
+    # every probe of a sweep sends the same few header sets: hash each once
+    return hashlib.sha256("\n".join(f"{k}:{v}" for k, v in items).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- the context
@@ -505,8 +511,53 @@ class ProbeContext:
             return await self._slotted(method, url, json, headers, None)
         body_key = "" if json is None else jsonlib.dumps(json, sort_keys=True, default=str)
         key = (method, url, _fingerprint(headers), body_key)
+        return await self._shared(key, method, url, json, headers)
+
+    async def get_json_many(
+        self, urls: Sequence[str], *, headers: Mapping[str, str] | None = None
+    ) -> list[Reply | UpstreamError]:
+        """Several :meth:`get_json` at once (a listing and a readiness route, say): each
+        URL's reply, or the :class:`UpstreamError` it failed with, in order.
+
+        The requests run concurrently and shared, as separate ``get_json`` calls in a task
+        group would; but a request another probe already leads is joined without a task of
+        its own, so the followers of a sweep (every model but the first) spawn none.
+        """
+        merged = {"Accept": "application/json", **(headers or {})}
+        fingerprint = _fingerprint(merged)
+        keys = [("GET", url, fingerprint, "") for url in urls]
+        joined = [self._flights.joinable(key, self.fresh_after) for key in keys]
+        answers: list[Reply | UpstreamError | None] = [None] * len(keys)
+
+        async def one(index: int) -> None:
+            try:
+                answers[index] = await self._shared(keys[index], "GET", urls[index], None,
+                                                    merged, joined[index])
+            except UpstreamError as exc:
+                answers[index] = exc
+
+        new = [i for i, flight in enumerate(joined) if flight is None]
+        if len(new) > 1:
+            async with anyio.create_task_group() as tg:
+                for index in new[1:]:
+                    tg.start_soon(one, index)
+                await one(new[0])
+        elif new:
+            await one(new[0])
+        for index, flight in enumerate(joined):  # under way meanwhile: waiting costs nothing
+            if flight is not None:
+                await one(index)
+        return [a if a is not None else UpstreamError("no answer") for a in answers]
+
+    async def _shared(self, key: Hashable, method: str, url: str, json: Any,
+                      headers: Mapping[str, str] | None,
+                      flight: _Flight | None = None) -> Reply:
+        """The reply of the flight for ``key``: ``flight`` if given, else the one under way,
+        else a new one led by this call."""
         flights = self._flights
-        while (flight := flights.joinable(key, self.fresh_after)) is not None:
+        if flight is None:
+            flight = flights.joinable(key, self.fresh_after)
+        while flight is not None:
             if not flight.started.is_set():  # its leader waits for a slot: so do we
                 self._clock(waiting=1)
                 try:
@@ -529,6 +580,7 @@ class ProbeContext:
             # our own deadline is as good as gone too (probes of one sweep start together)
             if self.remaining() < _RETRY_MIN * self.timeout:
                 raise UpstreamError(self.timed_out_reason())
+            flight = flights.joinable(key, self.fresh_after)
         flight = flights.begin(key)
         try:
             flight.reply = await self._slotted(method, url, json, headers, flight.started)
