@@ -329,11 +329,6 @@ class Slots:
         self._endpoints: dict[str, tuple[anyio.CapacityLimiter, int]] = {}
         self._hanging: set[str] = set()
 
-    @property
-    def endpoints_in_use(self) -> int:
-        """Endpoints with a request holding or waiting for a slot (kept only while they do)."""
-        return len(self._endpoints)
-
     def hanging(self, url: str) -> bool:
         """Whether the last request to ``url``'s endpoint timed out."""
         return _endpoint_of(url) in self._hanging

@@ -53,6 +53,10 @@ async def test_hung_servers_cost_their_own_models_never_a_healthy_neighbours(
                 fake.set_mode("hang")
             await anyio.sleep(3 * TIMEOUT_S)
         fakes.cancel_scope.cancel()
+    assert daemon.prober is not None
+    slots = daemon.prober.slots  # the hung endpoints share half of the slots, at most
+    assert not slots.hanging(healthy.url + "/v1/models")
+    assert sum(slots.hanging(fake.url + "/v1/models") for fake in hung) >= HUNG_SERVERS // 2
     registry = daemon.registry
     for i in range(HEALTHY_MODELS):
         entry = registry.models[f"ok-{i}"]
