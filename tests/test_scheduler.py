@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from scheduler_support import in_process_daemon, scheduling
 from daemon.config import parse_config
 from daemon.core.model import HealthStatus, ProbeResult
 from daemon.service.lifecycle import Daemon
-from daemon.testing.fakes import FakeOpenAI
+from daemon.testing.fakes import HANG, FakeOpenAI, FakeResponse
 
 
 def make_daemon(tmp_path: Path) -> Daemon:
@@ -129,3 +130,37 @@ async def test_a_slow_model_is_not_rechecked_before_its_probe_answers(tmp_path: 
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     assert min(gaps) >= 0.25 - 0.02, gaps  # one probe at a time
     assert entry.health.status is HealthStatus.HEALTHY
+
+
+class OneStuckModel(FakeOpenAI):
+    """A server whose generations for model "stuck" never finish; the rest answer."""
+
+    stuck_at: list[float]
+
+    def route(self, method: str, path: str, headers: Mapping[str, str],
+              body: bytes) -> FakeResponse:
+        if path == "/v1/chat/completions" and b'"stuck"' in body:
+            self.stuck_at.append(time.monotonic())
+            return HANG
+        return super().route(method, path, headers, body)
+
+
+@pytest.mark.anyio
+async def test_no_early_recheck_while_the_endpoint_answers_the_other_models(
+        tmp_path: Path) -> None:
+    # one model's deep probe hangs, its neighbour's answers: the server is not hung, so the
+    # stuck model's rechecks wait for its timeouts as before (one generation at a time)
+    fake = OneStuckModel(["ok", "stuck"], flavor="vllm")
+    fake.stuck_at = []
+    async with fake:
+        daemon = in_process_daemon(
+            tmp_path,
+            [{"id": name, "provider": "openai", "endpoint": fake.url, "deep": True,
+              "latency_estimate": 10} for name in ("ok", "stuck")],
+            probe={"interval": "200ms", "timeout": TIMEOUT_S, "recheck_interval": RECHECK_S},
+            health={"failure_threshold": THRESHOLD})
+        async with scheduling(daemon):
+            await until(lambda: daemon.registry.models["stuck"].health.failures_total >= 2,
+                        2 * TIMEOUT_S + 1.0)
+    gaps = [b - a for a, b in itertools.pairwise(fake.stuck_at)]
+    assert gaps and min(gaps) >= TIMEOUT_S - 0.05, gaps

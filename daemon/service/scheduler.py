@@ -3,8 +3,9 @@ re-probed at the recheck pace while its verdict is open, and each result folded 
 registry.
 
 A probe still unanswered after ``recheck_interval`` (when the model usually answers in a
-fraction of that) does not hold the next recheck back: the next one starts, with a request of
-its own, up to ``failure_threshold`` probes of one model in flight. A server that accepts and
+fraction of that, and the endpoint has answered no other probe since) does not hold the next
+recheck back: the next one starts, with a request of its own, up to ``failure_threshold``
+probes of one model in flight. A server that accepts and
 never answers is so unavailable about ``timeout + (failure_threshold - 1) × recheck_interval``
 after its first unanswered probe, not ``failure_threshold × (timeout + recheck_interval)``.
 """
@@ -103,17 +104,17 @@ class ProbeScheduler:
         return max(self.daemon.config.probe.recheck_interval, HANG_FACTOR * usual_ms / 1000.0)
 
     async def _probe(self, model_id: str, tick: float, jitter: float,
-                     fresh_after: float | None = None) -> None:
+                     fresh_after: float | None = None) -> ProbeResult | None:
         daemon = self.daemon
         entry = daemon.registry.models.get(model_id)
         if entry is None:
-            return
+            return None
         spec = entry.spec
         interval = spec.interval or daemon.config.probe.interval
         if not daemon.registry.eligible(entry):
             daemon.registry.mark_not_probed(model_id, "not probed: offline")
             self.next_due[model_id] = tick + interval * jitter
-            return
+            return None
         assert daemon.prober is not None
         # no limiter here: the prober bounds upstream requests (max_concurrent), and a probe
         # waiting on another's shared request must not hold a slot while it waits
@@ -122,7 +123,7 @@ class ProbeScheduler:
         changed_decisions = daemon.registry.decision_version
         entry = daemon.registry.models.get(model_id)
         if entry is None:
-            return
+            return result
         if needs_recheck(entry.health):
             self.next_due[model_id] = time.monotonic() + daemon.config.probe.recheck_interval
         else:
@@ -131,6 +132,7 @@ class ProbeScheduler:
             # a probe triggered a decision (probation rollback): make it durable now
             self._persisted_decisions = daemon.registry.decision_version
             await daemon.saver.persist_quietly()
+        return result
 
     async def _group_loop(self, key: str, model_ids: list[str]) -> None:
         """Probe the models behind one endpoint on shared ticks, so their requests coalesce.
@@ -146,10 +148,19 @@ class ProbeScheduler:
         waiting_until = math.inf
         most = max(1, self.daemon.config.health.failure_threshold)
 
+        answered_at = -math.inf  # when a probe of this endpoint last succeeded
+        # model id → when its probes began to go unanswered (its oldest probe since its last
+        # success); an answer from the endpoint after that means the server is not hung
+        unanswered_since: dict[str, float] = {}
+
         async def probe(model_id: str, tick: float, jitter: float,
                         fresh_after: float | None) -> None:
+            nonlocal answered_at
             try:
-                await self._probe(model_id, tick, jitter, fresh_after)
+                result = await self._probe(model_id, tick, jitter, fresh_after)
+                if result is not None and result.ok:
+                    answered_at = time.monotonic()
+                    unanswered_since.pop(model_id, None)
             finally:
                 starts = in_flight.get(model_id, [])
                 if tick in starts:
@@ -166,11 +177,15 @@ class ProbeScheduler:
         registry = self.daemon.registry
 
         def overdue_at(model_id: str) -> float:
-            """When ``model_id``'s newest probe in flight turns overdue (inf: never)."""
+            """When ``model_id``'s newest probe in flight turns overdue (inf: never). Not
+            when the endpoint answered another probe since this model's went unanswered: a
+            probe slow because the loop is busy with a thousand models, or one model's stuck
+            generation, is no hung server."""
             starts = in_flight[model_id]
             after = hang_after.get(model_id)
             entry = registry.models.get(model_id)
             if (len(starts) >= most or after is None or entry is None
+                    or answered_at > unanswered_since.get(model_id, math.inf)
                     or entry.health.status is HealthStatus.UNAVAILABLE):
                 return math.inf
             return starts[-1] + after
@@ -189,6 +204,7 @@ class ProbeScheduler:
                     for model_id in due:
                         in_flight[model_id] = [tick]
                         hang_after[model_id] = self.overdue_after(model_id)
+                        unanswered_since.setdefault(model_id, tick)
                         tg.start_soon(probe, model_id, tick, jitter, None)
                     for model_id in overdue:
                         in_flight[model_id].append(tick)
