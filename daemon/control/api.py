@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
+import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..config import ConfigError, parse_duration
@@ -55,6 +56,12 @@ class DaemonServices(Protocol):
 
     async def evaluate(self, model_id: str) -> ProbeResult: ...
 
+    def observe(self, model_id: str, result: ProbeResult) -> None:
+        """Fold in an outcome seen outside the probes; a failure starts rechecks at once."""
+
+    def recheck_interval(self) -> float:
+        """The probes' recheck interval now (seconds)."""
+
     async def reload(self, actor: str) -> dict[str, Any]:
         """Re-read the configuration; raises ConfigError."""
 
@@ -77,6 +84,41 @@ def actor_of(peer: Peer | None) -> str:
     if peer is None:
         return "tcp"
     return f"uid={peer.uid} pid={peer.pid}"
+
+
+REPORT_BURST = 20  # reports a peer may send at once ...
+REPORT_RATE = 5.0  # ... and then a second
+REPORT_MODELS_KEPT = 4096
+REPORT_PEERS_KEPT = 4096
+
+
+class TokenBuckets:
+    """A token bucket per key (a peer's uid): ``take`` spends one token, or says how many
+    seconds until one is there. Memory is bounded: past ``REPORT_PEERS_KEPT`` keys the full
+    buckets (peers quiet for a while) are forgotten."""
+
+    def __init__(self, burst: int, rate: float) -> None:
+        self.burst = float(burst)
+        self.rate = rate
+        self._buckets: dict[int, tuple[float, float]] = {}  # key -> (tokens, at)
+
+    def take(self, key: int) -> float:
+        now = anyio.current_time()
+        tokens, at = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+        if key not in self._buckets and len(self._buckets) >= REPORT_PEERS_KEPT:
+            self._forget_full(now)
+        self._buckets[key] = (tokens - 1.0, now)
+        return 0.0
+
+    def _forget_full(self, now: float) -> None:
+        full = [k for k, (tokens, at) in self._buckets.items()
+                if tokens + (now - at) * self.rate >= self.burst]
+        for k in full or list(self._buckets):
+            del self._buckets[k]
 
 
 def _body_object(request: Request, allowed: Mapping[str, tuple[type, ...]],
@@ -120,6 +162,8 @@ class ControlAPI:
         # resolve is the hot route (applications may ask on every request): its answer is
         # kept per (role, capabilities) until the registry's version moves
         self._resolved: dict[tuple[str, tuple[str, ...]], tuple[int, bytes]] = {}
+        self._reports = TokenBuckets(REPORT_BURST, REPORT_RATE)
+        self._reported_at: dict[str, float] = {}  # model id -> when a failure last counted
 
     # ------------------------------------------------------------------ dispatch
 
@@ -305,6 +349,46 @@ class ControlAPI:
                               "score": view["score"], "score_parts": view["score_parts"],
                               "health_status": view["health_status"], "model": view})
 
+    async def report(self, request: Request, params: dict[str, str]) -> Response:
+        """An application's outcome of a real request. Open to every peer that may read, so
+        it is bounded twice: per peer (a token bucket) and per model (at most one counted
+        failure a recheck interval). A reported failure is an observation that starts the
+        rechecks at once; reports alone cannot outvote a server that answers those rechecks.
+        A success is not an observation: generation time is not probe latency, and recovery
+        is the probes' to confirm."""
+        registry = self.daemon.registry
+        model_id = params["model_id"]
+        registry.entry(model_id)  # 404 naming the known ids
+        data = _body_object(request, {"ok": (bool,), "reason": (str,)}, required=("ok",))
+        actor = actor_of(request.peer)
+        wait = self._reports.take(request.peer.uid if request.peer is not None else -1)
+        if wait > 0:
+            error = HTTPError(429, "rate_limited", f"too many reports from {actor}: at most "
+                              f"{REPORT_BURST} at once and {REPORT_RATE:g} a second; retry "
+                              f"in {wait:.1f} s")
+            error.headers = (("Retry-After", str(max(1, math.ceil(wait)))),)
+            raise error
+        if data["ok"]:
+            return Response.json({"model_id": model_id, "observed": False,
+                                  "why": "a success is not an observation: the probes measure "
+                                         "latency and confirm recovery"})
+        now = anyio.current_time()
+        last = self._reported_at.get(model_id)
+        interval = self.daemon.recheck_interval()
+        if last is not None and now - last < interval:
+            return Response.json({"model_id": model_id, "observed": False,
+                                  "why": f"a failure of {model_id} was counted "
+                                         f"{now - last:.2f} s ago; its rechecks decide now "
+                                         f"(one report a recheck interval, {interval:g} s)"})
+        if len(self._reported_at) >= REPORT_MODELS_KEPT:
+            self._reported_at.clear()
+        self._reported_at[model_id] = now
+        reason = str(data.get("reason") or "a request failed")
+        self.daemon.observe(model_id, ProbeResult.failure(f"reported by {actor}: {reason}"))
+        self.log.info("model_reported", model_id=model_id, peer=actor, reason=reason[:200])
+        return Response.json({"model_id": model_id, "observed": True,
+                              "health_status": registry.models[model_id].health.status.value})
+
     async def promote(self, request: Request, params: dict[str, str]) -> Response:
         actor = self._require_admin(request)
         body = _body_object(request, {"model_id": (str,), "force": (bool,),
@@ -410,6 +494,7 @@ def _default(value: Any) -> Any:
 _HANDLERS: dict[str, Handler] = {
     "list_models": ControlAPI.list_models,
     "promote": ControlAPI.promote,
+    "report": ControlAPI.report,
     "rollback": ControlAPI.rollback,
     "upgrade_check": ControlAPI.upgrade_check,
     "upgrade_execute": ControlAPI.upgrade_execute,

@@ -165,6 +165,16 @@ class ModeldClient:
         """Probe ``model_id`` now; the result and its new score."""
         return await self._json(*_route("evaluate", model_id=model_id), body={})
 
+    async def report(self, model_id: str, *, ok: bool, reason: str = "") -> dict[str, Any]:
+        """Tell the daemon how a real request to ``model_id`` went. A failure is an
+        observation that starts rechecks at once (``{"observed": true, ...}``); a success is
+        acknowledged and not counted. Raises ModeldError 429 ``rate_limited`` past the
+        per-peer budget."""
+        body: dict[str, Any] = {"ok": ok}
+        if reason:
+            body["reason"] = reason
+        return await self._json(*_route("report", model_id=model_id), body=body)
+
     async def promote(self, model_id: str, *, force: bool = False,
                       reason: str = "") -> dict[str, Any]:
         """Make ``model_id`` its role's primary; ``{"changes": [...]}``. ``reason`` goes into

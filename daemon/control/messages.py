@@ -50,11 +50,13 @@ class HTTPError(Exception):
         self.code = code
         self.message = message
         self.extra = extra
+        self.headers: tuple[tuple[str, str], ...] = ()  # e.g. Retry-After on a 429
 
     def to_response(self, headers: Sequence[tuple[str, str]] = ()) -> Response:
         """The JSON error response."""
         return Response.json(
-            error_body(self.code, self.message, **self.extra), self.status, headers=headers
+            error_body(self.code, self.message, **self.extra), self.status,
+            headers=[*self.headers, *headers],
         )
 
     def __repr__(self) -> str:

@@ -78,6 +78,9 @@ ROUTES: tuple[Route, ...] = (
           "one model, with score parts and recent probes"),
     Route("evaluate", "POST", f"{API}/models/{{model_id}}/evaluate", True,
           "probe a model now"),
+    Route("report", "POST", f"{API}/models/{{model_id}}/report", False,
+          "an application's outcome of a real request (body: ok, reason): a failure starts "
+          "rechecks at once"),
     Route("resolve", "GET", f"{API}/resolve", False,
           "the model to use now and its fallback chain"),
     Route("events", "GET", f"{API}/events", False, "the event stream (NDJSON)"),

@@ -152,6 +152,13 @@ class Daemon:
         """Return once every decision in effect is saved; raises StateNotSaved."""
         await self.saver.persist_decisions()
 
+    def observe(self, model_id: str, result: ProbeResult) -> None:
+        """An outcome seen outside the probes (an application's report)."""
+        self.scheduler.observe(model_id, result)
+
+    def recheck_interval(self) -> float:
+        return self.config.probe.recheck_interval
+
     async def evaluate(self, model_id: str) -> ProbeResult:
         """Probe one model now and fold the result in."""
         spec = self.registry.entry(model_id).spec
