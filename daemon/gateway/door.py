@@ -57,7 +57,11 @@ HOP_BY_HOP = frozenset({
     "trailers", "transfer-encoding", "upgrade", "proxy-connection",
 })
 _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "authorization", "cookie",
-                               "user-agent"}
+                               "user-agent",
+                               # the client's key in other SDKs' headers (Azure's, Anthropic's)
+                               "api-key", "x-api-key",
+                               # about the client's hop: the door sends the body at once
+                               "expect"}
 _ERROR_PEEK_BYTES = 2048
 
 Observe = Callable[[str, ProbeResult], None]
@@ -158,7 +162,7 @@ class Gateway:
                 found = model_entry(entry, self.created)  # pragma: no cover - listed above
             document = found
         body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
-        await reply.complete(200, [(b"content-type", b"application/json")], body)
+        await reply.complete(200, error_headers(), body)
 
     # ------------------------------------------------------------------ proxied routes
 
@@ -200,6 +204,7 @@ class Gateway:
         failures: dict[str, str] = {}
         tried = chain.model_ids[: config.max_attempts]
         role_label = chain.role or ""
+        bodies: dict[str, bytes] = {}  # upstream name -> the rewritten body
         try:
             for attempt, model_id in enumerate(tried, start=1):
                 entry = registry.models.get(model_id)
@@ -207,7 +212,9 @@ class Gateway:
                     continue
                 spec = entry.spec
                 role_label = chain.role or spec.role
-                failure = await self._attempt(spec, request, payload, headers, reply, attempt,
+                name = spec.upstream_name
+                body = bodies.get(name) or bodies.setdefault(name, _rewritten(payload, name))
+                failure = await self._attempt(spec, request, body, headers, reply, attempt,
                                               chain, config)
                 if failure is None:
                     return
@@ -237,7 +244,7 @@ class Gateway:
                                                         str(len(failures)))),
                         reasons=failures)
 
-    async def _attempt(self, spec: ModelSpec, request: DoorRequest, payload: dict[str, Any],
+    async def _attempt(self, spec: ModelSpec, request: DoorRequest, body: bytes,
                        headers: list[tuple[bytes, bytes]], reply: Reply, attempt: int,
                        chain: Chain,
                        config: GatewayConfig) -> _Failure | None:
@@ -246,8 +253,6 @@ class Gateway:
             auth = upstream_auth(spec, self.environ)
         except UpstreamError as exc:
             return _Failure(exc.reason, "key", ProbeResult.failure(exc.reason))
-        body = json.dumps({**payload, "model": spec.upstream_name}, separators=(",", ":"),
-                          ensure_ascii=False).encode()
         headers_out: list[tuple[bytes, bytes]] = [
             *headers, *((k.encode(), v.encode()) for k, v in auth.items())]
         url = upstream_url(spec, PROXIED[request.path])
@@ -355,6 +360,13 @@ def _parse_body(body: bytes) -> dict[str, Any]:
     return payload
 
 
+def _rewritten(payload: dict[str, Any], upstream_name: str) -> bytes:
+    """The request body for the upstream: the client's JSON with ``model`` rewritten (the
+    strict parse let through only what writes back: no lone surrogate, bounded depth)."""
+    return json.dumps({**payload, "model": upstream_name}, separators=(",", ":"),
+                      ensure_ascii=False).encode()
+
+
 def _forwarded_headers(request: DoorRequest) -> list[tuple[bytes, bytes]]:
     """The client's headers that go upstream: not hop-by-hop, not its credentials, not
     modeld's own (the User-Agent is the door's: the upstream's operator sees who asks)."""
@@ -378,8 +390,11 @@ def _answer_headers(raw: list[tuple[bytes, bytes]], model_id: str,
 
 
 def error_headers(extra: tuple[tuple[str, str], ...] = ()) -> list[tuple[bytes, bytes]]:
-    """Headers of an answer the door gives itself."""
-    return [(b"content-type", b"application/json"), (b"server", b"modeld"),
+    """Headers of an answer the door gives itself: ``x-modeld-attempts`` on every one (0 when
+    no upstream was tried), as on the answers it relays."""
+    attempts = () if any(k == "x-modeld-attempts" for k, _ in extra) else (
+        (b"x-modeld-attempts", b"0"),)
+    return [(b"content-type", b"application/json"), (b"server", b"modeld"), *attempts,
             *((k.encode(), v.encode()) for k, v in extra)]
 
 

@@ -154,6 +154,7 @@ class FakeUpstream:
         self._agents: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
         self._last_bodies: dict[tuple[str, str], bytes] = {}
+        self._last_headers: dict[tuple[str, str], dict[str, str]] = {}
         self._token: anyio.lowlevel.EventLoopToken | None = None
         self._loop_thread: int | None = None
         self._serve_scope: anyio.CancelScope | None = None
@@ -208,6 +209,11 @@ class FakeUpstream:
         with self._counts_lock:
             return self._last_bodies.get((method.upper(), path))
 
+    def last_headers(self, method: str, path: str) -> dict[str, str] | None:
+        """The headers (names lower-cased) of the latest ``method path`` request."""
+        with self._counts_lock:
+            return self._last_headers.get((method.upper(), path))
+
     def last_json(self, method: str, path: str) -> Any:
         """The latest ``method path`` request body, parsed as JSON."""
         body = self.last_body(method, path)
@@ -220,6 +226,7 @@ class FakeUpstream:
             self._arrivals.clear()
             self._agents.clear()
             self._last_bodies.clear()
+            self._last_headers.clear()
 
     def arrivals(self, method: str, path: str) -> list[float]:
         """When each ``method path`` request arrived (``time.monotonic()``), oldest first;
@@ -432,6 +439,7 @@ class FakeUpstream:
                 self._agents[headers.get("user-agent", "")] += 1
                 if body:
                     self._last_bodies[(method, path)] = body
+                self._last_headers[(method, path)] = dict(headers)
             mode = self._mode
             if mode == "hang":
                 await anyio.sleep_forever()

@@ -1,0 +1,75 @@
+"""The front door against hostile or odd input: headers that must not reach an upstream, and
+the x-modeld headers on every answer (bodies: tests/reliability/test_input_bodies.py)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+from gateway_support import running_door, spec
+
+from daemon.core.settings import GatewayConfig
+from daemon.testing.chat_fakes import ChatOpenAI
+
+pytestmark = pytest.mark.anyio
+
+QWEN = "Qwen/Qwen2.5-7B-Instruct"
+HELLO = [{"role": "user", "content": "hi"}]
+CHAT = "/v1/chat/completions"
+
+
+async def test_every_answer_the_door_gives_itself_says_how_many_models_it_tried():
+    config = GatewayConfig(listen="0.0.0.0:1", clients_key_env="DOOR_KEY", max_request_bytes=512)
+    async with ChatOpenAI([QWEN], flavor="vllm") as vllm, \
+            running_door([spec("qwen", vllm.url, model=QWEN, primary=True)], gateway=config,
+                         environ={"DOOR_KEY": "k"}) as door, httpx.AsyncClient() as client:
+        sdk = door.client("k")
+        with pytest.raises(openai.NotFoundError) as unknown:
+            await sdk.chat.completions.create(model="gpt-17", messages=HELLO)  # type: ignore[arg-type]
+        with pytest.raises(openai.AuthenticationError) as refused:
+            await door.client("wrong").models.list()
+        listing = await sdk.models.with_raw_response.list()
+        auth = {"authorization": "Bearer k"}
+        missing = await client.post(f"{door.url}{CHAT}", json={}, headers=auth)
+        big = await client.post(f"{door.url}{CHAT}", headers=auth,
+                                json={"model": "chat", "messages": [{"content": "x" * 600}]})
+        vllm.set_chat_fault("error503")
+        with pytest.raises(openai.InternalServerError) as failed:
+            await sdk.chat.completions.create(model="chat", messages=HELLO)  # type: ignore[arg-type]
+    for response in (unknown.value.response, refused.value.response, missing, big):
+        assert response.headers["x-modeld-attempts"] == "0", response.status_code
+    assert listing.headers["x-modeld-attempts"] == "0"
+    assert failed.value.response.headers["x-modeld-attempts"] == "1"
+    assert failed.value.response.headers.get_list("x-modeld-attempts") == ["1"]
+
+
+async def test_the_clients_credentials_and_hop_by_hop_headers_never_reach_the_upstream():
+    async with ChatOpenAI([QWEN], flavor="vllm", api_key="up") as vllm, \
+            running_door([spec("qwen", vllm.url, model=QWEN, primary=True, api_key_env="UP")],
+                         environ={"UP": "up"}) as door, httpx.AsyncClient() as client:
+        answer = await client.post(f"{door.url}{CHAT}", json={"model": "chat", "messages": HELLO},
+                                   headers={
+                                       "authorization": "Bearer client-token",
+                                       "api-key": "client-azure-key",
+                                       "x-api-key": "client-other-key",
+                                       "cookie": "session=1",
+                                       "proxy-authorization": "Basic eA==",
+                                       "connection": "keep-alive, x-hop",
+                                       "x-hop": "1", "te": "trailers", "keep-alive": "timeout=5",
+                                       "expect": "100-continue",
+                                       "x-modeld-model": "forged",
+                                       "x-request-id": "abc",  # an end-to-end header: kept
+                                   })
+        sent = vllm.last_headers("POST", CHAT)
+    assert answer.status_code == 200, answer.text
+    assert sent is not None
+    assert sent["authorization"] == "Bearer up"
+    for name in ("api-key", "x-api-key", "cookie", "proxy-authorization", "x-hop", "te",
+                 "keep-alive", "expect", "x-modeld-model"):
+        assert name not in sent, name
+    assert "client" not in json.dumps(sent)
+    assert sent["x-request-id"] == "abc"
+    assert sent["content-length"] == str(len(vllm.last_body("POST", CHAT) or b""))
+    assert sent["host"] == vllm.url.removeprefix("http://")
