@@ -258,28 +258,30 @@ class Gateway:
         url = upstream_url(spec, PROXIED[request.path])
         started = time.perf_counter()
         first_byte_deadline = anyio.current_time() + config.first_byte_timeout
-        timeout_reason = (f"nothing within {config.first_byte_timeout:g}s "
+        response: UpstreamResponse | None = None
+        first: bytes | None = None
+        try:
+            try:
+                # one deadline for the head and the first chunk (a scope costs a timer)
+                with anyio.fail_at(first_byte_deadline):
+                    response = await self.client.request("POST", url, headers_out, body)
+                    if response.status not in FAILOVER_STATUSES:
+                        first = await response.next_chunk()
+            except TimeoutError:
+                reason = (f"nothing within {config.first_byte_timeout:g}s "
                           "(gateway.first_byte_timeout)")
-        try:
-            with anyio.fail_at(first_byte_deadline):
-                response = await self.client.request("POST", url, headers_out, body)
-        except TimeoutError:
-            return _Failure(timeout_reason, "timeout", ProbeResult.failure(timeout_reason))
-        except TransportError as exc:
-            return _Failure(exc.reason, _kind(exc.reason), ProbeResult.failure(exc.reason))
-        try:
+                if response is not None:
+                    reason = f"headers, then {reason}"
+                return _Failure(reason, "timeout", ProbeResult.failure(reason))
+            except TransportError as exc:
+                if response is None:
+                    return _Failure(exc.reason, _kind(exc.reason),
+                                    ProbeResult.failure(exc.reason))
+                reason = f"before the first byte: {exc.reason}"
+                return _Failure(reason, "reset", ProbeResult.failure(reason))
             status = response.status
             if status in FAILOVER_STATUSES:
                 return await self._refused(response, first_byte_deadline)
-            try:
-                with anyio.fail_at(first_byte_deadline):
-                    first = await response.next_chunk()
-            except TimeoutError:
-                reason = f"headers, then {timeout_reason}"
-                return _Failure(reason, "timeout", ProbeResult.failure(reason))
-            except TransportError as exc:
-                reason = f"before the first byte: {exc.reason}"
-                return _Failure(reason, "reset", ProbeResult.failure(reason))
             # the answer is the client's from here on: no retry
             await reply.start(status, _answer_headers(response.headers, spec.id, attempt),
                               first or b"")
@@ -312,7 +314,8 @@ class Gateway:
             await reply.finish()
             return None
         finally:
-            await response.aclose()
+            if response is not None:
+                await response.aclose()
 
     async def _refused(self, response: UpstreamResponse, deadline: float) -> _Failure:
         """The failure for a 5xx/429/401/403 answer, its message peeked at for the reason."""

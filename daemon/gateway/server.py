@@ -23,6 +23,8 @@ import anyio.abc
 import anyio.lowlevel
 import h11
 
+from .upstream import DirectWrite
+
 _RECEIVE_SIZE = 65536
 MAX_HEADER_BYTES = 64 * 1024
 READ_TIMEOUT = 60.0  # a whole request (head and body) must arrive within this
@@ -119,6 +121,7 @@ class _Connection:
     consumed: anyio.Event = field(default_factory=anyio.Event)
     eof: bool = False
     handler_scope: anyio.CancelScope | None = None
+    direct: DirectWrite | None = None  # TCP: writes that need no wait skip anyio's send
 
     async def more(self) -> None:
         """Wait until the reader has fed h11 more bytes (or the end of the stream)."""
@@ -132,6 +135,15 @@ class _Connection:
         data = b"".join([chunk for e in events if (chunk := self.h11.send(e)) is not None])
         if not data:
             return
+        if self.direct is not None:
+            try:
+                written = self.direct.write(data)
+            except (RuntimeError, OSError) as exc:
+                raise ClientGone(str(exc)) from exc
+            if written:
+                return
+            if written is False:
+                data = b""  # handed over: wait below until the transport has drained
         try:
             with anyio.fail_after(WRITE_TIMEOUT):
                 await _send_all(self.stream, data, self.raw)
@@ -203,7 +215,7 @@ class DoorServer:
             return
         conn = _Connection(stream, h11.Connection(h11.SERVER,
                                                   max_incomplete_event_size=MAX_HEADER_BYTES),
-                           unix)
+                           unix, direct=None if unix is not None else DirectWrite.of(stream))
         self._connections.add(conn)
         try:
             async with anyio.create_task_group() as group:
