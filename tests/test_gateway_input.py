@@ -4,7 +4,10 @@ the x-modeld headers on every answer (bodies: tests/reliability/test_input_bodie
 from __future__ import annotations
 
 import json
+import socket
 
+import anyio
+import h11
 import httpx
 import openai
 import pytest
@@ -20,7 +23,7 @@ HELLO = [{"role": "user", "content": "hi"}]
 CHAT = "/v1/chat/completions"
 
 
-async def test_every_answer_the_door_gives_itself_says_how_many_models_it_tried():
+async def test_every_answer_the_door_gives_itself_says_how_many_models_it_tried() -> None:
     config = GatewayConfig(listen="0.0.0.0:1", clients_key_env="DOOR_KEY", max_request_bytes=512)
     async with ChatOpenAI([QWEN], flavor="vllm") as vllm, \
             running_door([spec("qwen", vllm.url, model=QWEN, primary=True)], gateway=config,
@@ -45,7 +48,7 @@ async def test_every_answer_the_door_gives_itself_says_how_many_models_it_tried(
     assert failed.value.response.headers.get_list("x-modeld-attempts") == ["1"]
 
 
-async def test_the_clients_credentials_and_hop_by_hop_headers_never_reach_the_upstream():
+async def test_the_clients_credentials_and_hop_by_hop_headers_never_reach_the_upstream() -> None:
     async with ChatOpenAI([QWEN], flavor="vllm", api_key="up") as vllm, \
             running_door([spec("qwen", vllm.url, model=QWEN, primary=True, api_key_env="UP")],
                          environ={"UP": "up"}) as door, httpx.AsyncClient() as client:
@@ -73,3 +76,51 @@ async def test_the_clients_credentials_and_hop_by_hop_headers_never_reach_the_up
     assert sent["x-request-id"] == "abc"
     assert sent["content-length"] == str(len(vllm.last_body("POST", CHAT) or b""))
     assert sent["host"] == vllm.url.removeprefix("http://")
+
+
+class _BigTokens(ChatOpenAI):
+    """Streams ``tokens`` events of 64 KiB each, as fast as it may."""
+
+    def _text(self) -> list[str]:
+        return ["x" * 65536] * self.tokens
+
+
+async def test_a_client_that_stops_reading_holds_the_upstream_back_not_the_doors_memory() -> None:
+    tokens = 300  # ~20 MB: more than the kernel's buffers on the way are likely to hold
+    async with _BigTokens([QWEN], flavor="vllm", tokens=tokens, coalesce=False) as vllm, \
+            running_door([spec("qwen", vllm.url, model=QWEN, primary=True)]) as door:
+        port = int(door.url.rsplit(":", 1)[1])
+        body = json.dumps({"model": "chat", "messages": HELLO, "stream": True}).encode()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: d\r\nConnection: close\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        await anyio.sleep(1.0)  # the client reads nothing
+        assert door.gateway.in_flight == 1  # still relaying, at the client's pace
+        (conn,) = door.server._connections
+        buffered = conn.stream._transport.get_write_buffer_size()  # type: ignore[attr-defined]
+        assert buffered <= 256 * 1024  # at most one read beyond the transport's high-water mark
+        assert vllm.streams_completed == 0  # the upstream is held back
+        sock.setblocking(False)
+        received = bytearray()
+        with anyio.fail_after(10):
+            while True:
+                await anyio.wait_readable(sock)
+                data = sock.recv(1 << 20)
+                if not data:
+                    break
+                received += data
+        sock.close()
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="POST", target="/", headers=[("host", "d")]))
+    client.receive_data(bytes(received))
+    client.receive_data(b"")
+    events = []
+    while not isinstance(event := client.next_event(), h11.EndOfMessage):
+        events.append(event)
+    assert events[0].status_code == 200  # type: ignore[union-attr]
+    stream = b"".join(bytes(e.data) for e in events[1:])  # type: ignore[union-attr]
+    assert stream.endswith(b"data: [DONE]\n\n")
+    assert stream.count(b'"content":"' + b"x" * 65536 + b'"') == tokens  # every event, whole
