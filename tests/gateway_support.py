@@ -83,7 +83,8 @@ async def running_door(models: Sequence[ModelSpec], *, gateway: GatewayConfig | 
     async with make_upstream_client() as client:
         gw = Gateway(config=lambda: config.gateway, registry=lambda: registry, observe=observe,
                      client=client, log=log, metrics=metrics, environ=env, created=1700000000)
-        server = DoorServer(gw.handle, lambda: config.gateway.max_request_bytes, refusal, log)
+        server = DoorServer(gw.handle, lambda: config.gateway.max_request_bytes, refusal, log,
+                            admit=gw.admit)
         listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
         port = listener.extra(anyio.abc.SocketAttribute.local_port)
         async with anyio.create_task_group() as tg:

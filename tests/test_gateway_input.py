@@ -124,3 +124,29 @@ async def test_a_client_that_stops_reading_holds_the_upstream_back_not_the_doors
     stream = b"".join(bytes(e.data) for e in events[1:])  # type: ignore[union-attr]
     assert stream.endswith(b"data: [DONE]\n\n")
     assert stream.count(b'"content":"' + b"x" * 65536 + b'"') == tokens  # every event, whole
+
+
+async def test_a_client_without_the_key_is_refused_at_the_head_before_any_body() -> None:
+    config = GatewayConfig(listen="0.0.0.0:1", clients_key_env="DOOR_KEY")
+    async with ChatOpenAI([QWEN], flavor="vllm") as vllm, \
+            running_door([spec("qwen", vllm.url, model=QWEN, primary=True)], gateway=config,
+                         environ={"DOOR_KEY": "k"}) as door:
+        port = int(door.url.rsplit(":", 1)[1])
+        # a head announcing 10 MB, and the body never sent: the door must not wait for it
+        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+            await stream.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: d\r\n"
+                              b"Authorization: Bearer wrong\r\nContent-Length: 10000000\r\n\r\n")
+            answer = b""
+            with anyio.fail_after(2):
+                while b"\r\n\r\n" not in answer:
+                    answer += await stream.receive()
+        assert answer.startswith(b"HTTP/1.1 401 ")
+        assert b"www-authenticate: bearer" in answer.lower()
+        # the SDK with the right key still comes in, the wrong one still gets its error
+        ok = await door.client("k").chat.completions.create(model="chat", messages=HELLO)  # type: ignore[arg-type]
+        with pytest.raises(openai.AuthenticationError) as refused:
+            await door.client("wrong").chat.completions.create(model="chat", messages=HELLO)  # type: ignore[arg-type]
+    assert ok.choices[0].message.content == "Hi t1 t2"
+    assert refused.value.code == "invalid_api_key"
+    assert door.sample("modeld_gateway_requests_total", route=CHAT, role="", model_id="",
+                       outcome="unauthorized") == 2

@@ -131,6 +131,16 @@ class Gateway:
                 return
             await reply.complete(exc.status, [*error_headers(exc.headers)], exc.body())
 
+    def admit(self, head: DoorRequest) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        """The DoorServer's look at a request's head, before its body is read: a client
+        without the door's key is answered 401 there, so it cannot make the door read and
+        hold a body (up to max_request_bytes per connection) first."""
+        try:
+            self._authorize(head)
+        except DoorError as exc:
+            return exc.status, error_headers(exc.headers), exc.body()
+        return None
+
     def _authorize(self, request: DoorRequest) -> None:
         name = self.config().clients_key_env
         if not name:

@@ -105,6 +105,9 @@ class Reply:
 
 Handler = Callable[[DoorRequest, Reply], Awaitable[None]]
 Refusal = Callable[[int, str, str], tuple[list[tuple[bytes, bytes]], bytes]]
+#: an answer given at the head, before the body is read: (status, headers, body)
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+Admit = Callable[[DoorRequest], "Answer | None"]
 
 
 @dataclass(eq=False)
@@ -164,6 +167,9 @@ class DoorServer:
     log: Any
     #: connections served at once (idle keep-alive ones included); more are answered 503
     max_connections: Callable[[], int] = lambda: 4096
+    #: looks at each request's head (its body empty) before the body is read: an answer
+    #: refuses it there (a client without the door's key cannot make it hold a body)
+    admit: Admit | None = None
     _connections: set[_Connection] = field(default_factory=set)
     _group: anyio.abc.TaskGroup | None = None
     _accepting: anyio.CancelScope | None = None
@@ -346,6 +352,11 @@ class DoorServer:
                                            f"request body of {length} bytes is over the limit "
                                            f"of {limit} bytes (gateway.max_request_bytes)")
                         return None
+                    if self.admit is not None:
+                        refused = self.admit(_head(event))
+                        if refused is not None:
+                            await self._close_with(conn, *refused)
+                            return None
                     deadline = deadline or anyio.current_time() + READ_TIMEOUT
                 elif isinstance(event, h11.Data):
                     body += event.data
@@ -356,13 +367,9 @@ class DoorServer:
                         return None
                 elif isinstance(event, h11.EndOfMessage):
                     assert head is not None
-                    target = head.target.decode("ascii", "replace")
-                    return DoorRequest(
-                        method=head.method.decode("ascii", "replace"),
-                        path=target.partition("?")[0],
-                        headers=[(k.decode("latin-1").lower(), v.decode("latin-1"))
-                                 for k, v in head.headers],
-                        body=bytes(body))
+                    request = _head(head)
+                    request.body = bytes(body)
+                    return request
                 else:  # ConnectionClosed, PAUSED
                     return None
         except h11.RemoteProtocolError as exc:
@@ -375,6 +382,13 @@ class DoorServer:
         if conn.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         headers, body = self.refusal(status, code, message)
+        await self._close_with(conn, status, headers, body)
+
+    async def _close_with(self, conn: _Connection, status: int,
+                          headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """Answer, then close the connection (what the client still sends is dropped)."""
+        if conn.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
         head = h11.Response(status_code=status, reason=_reason(status),
                             headers=[*headers, (b"content-length", str(len(body)).encode()),
                                      (b"connection", b"close")])
@@ -394,6 +408,14 @@ def _reason(status: int) -> bytes:
         return HTTPStatus(status).phrase.encode()
     except ValueError:
         return b""
+
+
+def _head(event: h11.Request) -> DoorRequest:
+    target = event.target.decode("ascii", "replace")
+    return DoorRequest(method=event.method.decode("ascii", "replace"),
+                       path=target.partition("?")[0],
+                       headers=[(k.decode("latin-1").lower(), v.decode("latin-1"))
+                                for k, v in event.headers])
 
 
 def _content_length(event: h11.Request) -> int | None:

@@ -370,7 +370,8 @@ class Daemon:
                                log=log, metrics=self.metrics, environ=self.environ)
         self.door_server = DoorServer(
             self.gateway.handle, lambda: self.config.gateway.max_request_bytes, refusal, log,
-            max_connections=lambda: max(1024, 4 * self.config.gateway.max_concurrent))
+            max_connections=lambda: max(1024, 4 * self.config.gateway.max_concurrent),
+            admit=self.gateway.admit)
         return listener
 
     async def run(self) -> int:
