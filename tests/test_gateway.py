@@ -393,7 +393,7 @@ async def test_connections_beyond_the_cap_are_turned_away_with_503():
 
 @pytest.mark.parametrize(("fake", "model", "content_type", "first_delta"), [
     (lambda: ChatOpenAI([QWEN], flavor="vllm"), QWEN, "text/event-stream; charset=utf-8",
-     {"role": "assistant", "content": "Hi"}),
+     {"role": "assistant", "content": ""}),
     (lambda: ChatOpenAI(["q.gguf"], flavor="llamacpp"), "any", "text/event-stream",
      {"role": "assistant", "content": None}),
     (lambda: ChatOllama(["llama3:8b"]), "llama3:8b", "text/event-stream",

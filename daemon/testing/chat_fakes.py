@@ -9,8 +9,10 @@ is a :class:`~daemon.testing.fakes.FakeOllama` with Ollama's OpenAI-compatible `
 What real servers send, reproduced here (so the door is tried against it):
 
 - vLLM (``vllm/entrypoints/openai/serving_chat.py``, ``chat_completion_stream_generator``):
-  each chunk ``data: {chunk.model_dump_json(exclude_unset=True)}\\n\\n``, the first with
-  ``delta: {"role": "assistant", "content": ""}``, then ``data: [DONE]\\n\\n``; FastAPI's
+  each chunk ``data: {chunk.model_dump_json(exclude_unset=True)}\\n\\n``, the first one
+  the role alone, ``delta: {"role": "assistant", "content": ""}`` (sent once the first output
+  is in, i.e. after prefill; an engine error then comes as an event of the 200 stream), then
+  one per token, then ``data: [DONE]\\n\\n``; FastAPI's
   ``StreamingResponse`` under uvicorn: ``content-type: text/event-stream; charset=utf-8``,
   ``Transfer-Encoding: chunked``; errors ``{"object": "error", "message", "type", "param",
   "code"}`` with a ``Content-Length``.
@@ -172,11 +174,14 @@ class _ChatMixin:
     def _stream_events(self, name: str, chat: bool, usage: bool) -> list[bytes]:
         now = int(time.time())
         out = []
-        for index, piece in enumerate(self._text()):
+        if chat:  # the role comes alone first, with empty content (vLLM: first_iteration)
+            out.append(_sse({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
+                             "created": now, "model": name, "choices": [{
+                                 "index": 0, "delta": {"role": "assistant", "content": ""},
+                                 "logprobs": None, "finish_reason": None}]}))
+        for piece in self._text():
             if chat:
                 delta: dict[str, Any] = {"content": piece}
-                if index == 0:
-                    delta = {"role": "assistant", "content": piece}
                 choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None,
                                           "finish_reason": None}
                 doc = {"id": "chatcmpl-fake", "object": "chat.completion.chunk",
