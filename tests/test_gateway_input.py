@@ -14,7 +14,7 @@ import pytest
 from gateway_support import running_door, spec
 
 from daemon.core.settings import GatewayConfig
-from daemon.testing.chat_fakes import ChatOpenAI
+from daemon.testing.chat_fakes import ChatOllama, ChatOpenAI
 
 pytestmark = pytest.mark.anyio
 
@@ -150,3 +150,32 @@ async def test_a_client_without_the_key_is_refused_at_the_head_before_any_body()
     assert refused.value.code == "invalid_api_key"
     assert door.sample("modeld_gateway_requests_total", route=CHAT, role="", model_id="",
                        outcome="unauthorized") == 2
+
+
+async def test_a_404_saying_the_model_is_gone_fails_over_a_404_for_a_path_is_passed_back() -> None:
+    async with ChatOpenAI([QWEN], flavor="vllm") as vllm, \
+            ChatOllama(["llama3:8b"]) as ollama, ChatOpenAI(["llama3"]) as other, \
+            running_door([spec("qwen", vllm.url, model="Qwen/renamed", primary=True),
+                          spec("olla", ollama.url, provider="ollama", model="gone:1b",
+                               quality=0.9),
+                          spec("llama", other.url, model="llama3", quality=0.1),
+                          spec("lost", f"{vllm.url}/no/such/base", role="x", model=QWEN)]
+                         ) as door:
+        raw = await door.client().chat.completions.with_raw_response.create(
+            model="chat", messages=HELLO)  # type: ignore[arg-type]
+        await door.settled()
+        observed = dict(door.observed)
+        door.observed.clear()
+        with pytest.raises(openai.NotFoundError) as bad_path:
+            await door.client().chat.completions.create(model="lost", messages=HELLO)  # type: ignore[arg-type]
+    assert raw.headers["x-modeld-model"] == "llama"
+    assert raw.headers["x-modeld-attempts"] == "3"
+    assert "does not exist" in observed["qwen"].reason
+    assert "not found" in observed["olla"].reason
+    assert door.sample("modeld_gateway_failovers_total", role="chat", model_id="qwen",
+                       reason="model_missing") == 1
+    # a 404 that is not about the model is passed back as it came, and blames nobody
+    assert bad_path.value.body == "Not Found" or bad_path.value.response.json() == {
+        "detail": "Not Found"}
+    assert bad_path.value.response.headers["x-modeld-model"] == "lost"
+    assert door.observed == []

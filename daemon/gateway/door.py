@@ -4,7 +4,8 @@ A request names a role or a model (:mod:`.routing`); its chain is tried in order
 ``max_attempts`` models. An attempt fails over — before anything reached the client — when
 the upstream refuses or resets the connection, sends nothing within ``first_byte_timeout``
 (no headers, or headers and no first chunk), or answers 502/503/504/429 (or 401/403: the
-upstream refused *modeld's* key). Each failed attempt is an observation for that model's
+upstream refused *modeld's* key; or a 404 saying the model is not there: the door chose that
+name, not the client). Each failed attempt is an observation for that model's
 health, handed to the scheduler, which starts rechecks at once: the first failed request,
 not the next probe, moves ``resolve`` and the door for everyone. A request's success is
 not a latency sample (generation time is not probe latency), so it is not observed.
@@ -292,6 +293,11 @@ class Gateway:
             status = response.status
             if status in FAILOVER_STATUSES:
                 return await self._refused(response, first_byte_deadline)
+            if status == 404 and (missing := _model_missing(first)) is not None:
+                # the door chose the upstream name, not the client: the model is gone from
+                # that server (deleted, renamed, another one loaded) — fail over
+                reason = f"HTTP 404: {missing}"
+                return _Failure(reason, "model_missing", ProbeResult.failure(reason))
             # the answer is the client's from here on: no retry
             await reply.start(status, _answer_headers(response.headers, spec.id, attempt),
                               first or b"")
@@ -427,6 +433,19 @@ def _error_message(body: bytes) -> str:
             message = error
         return one_line(str(message or data.get("detail") or ""), 160)
     return ""
+
+
+def _model_missing(body: bytes | None) -> str | None:
+    """The message of a 404 that says the *model* is not on the server (vLLM's "The model
+    `x` does not exist.", Ollama's 'model "x" not found, try pulling it first', OpenAI's
+    ``model_not_found``), None for any other 404 (a bad path: the client's to see)."""
+    message = _error_message((body or b"")[:_ERROR_PEEK_BYTES])
+    low = message.lower()
+    if "model" in low and ("not found" in low or "does not exist" in low):
+        return message
+    if b"model_not_found" in (body or b"")[:_ERROR_PEEK_BYTES]:
+        return message or "model_not_found"
+    return None
 
 
 def _kind(reason: str) -> str:
