@@ -66,6 +66,12 @@ async def test_the_clients_credentials_and_hop_by_hop_headers_never_reach_the_up
                                        "x-request-id": "abc",  # an end-to-end header: kept
                                    })
         sent = vllm.last_headers("POST", CHAT)
+        sent_body = vllm.last_body("POST", CHAT)
+        # curl -d without -H: the body the door sends is JSON all the same
+        form = await client.post(f"{door.url}{CHAT}", content=json.dumps(
+            {"model": "chat", "messages": HELLO}),
+            headers={"content-type": "application/x-www-form-urlencoded"})
+        sent_form = vllm.last_headers("POST", CHAT)
     assert answer.status_code == 200, answer.text
     assert sent is not None
     assert sent["authorization"] == "Bearer up"
@@ -74,8 +80,11 @@ async def test_the_clients_credentials_and_hop_by_hop_headers_never_reach_the_up
         assert name not in sent, name
     assert "client" not in json.dumps(sent)
     assert sent["x-request-id"] == "abc"
-    assert sent["content-length"] == str(len(vllm.last_body("POST", CHAT) or b""))
+    assert sent["content-length"] == str(len(sent_body or b""))
     assert sent["host"] == vllm.url.removeprefix("http://")
+    assert sent["content-type"] == "application/json"
+    assert form.status_code == 200
+    assert sent_form is not None and sent_form["content-type"] == "application/json"
 
 
 class _BigTokens(ChatOpenAI):

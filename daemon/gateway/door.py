@@ -62,7 +62,11 @@ _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "authorization", "cooki
                                # the client's key in other SDKs' headers (Azure's, Anthropic's)
                                "api-key", "x-api-key",
                                # about the client's hop: the door sends the body at once
-                               "expect"}
+                               "expect",
+                               # the body is the door's JSON (re-written), whatever the client
+                               # called its own (curl -d says form-urlencoded; FastAPI servers
+                               # such as vLLM then answer 422)
+                               "content-type", "content-encoding"}
 _ERROR_PEEK_BYTES = 2048
 
 Observe = Callable[[str, ProbeResult], None]
@@ -265,7 +269,8 @@ class Gateway:
         except UpstreamError as exc:
             return _Failure(exc.reason, "key", ProbeResult.failure(exc.reason))
         headers_out: list[tuple[bytes, bytes]] = [
-            *headers, *((k.encode(), v.encode()) for k, v in auth.items())]
+            (b"content-type", b"application/json"), *headers,
+            *((k.encode(), v.encode()) for k, v in auth.items())]
         url = upstream_url(spec, PROXIED[request.path])
         started = time.perf_counter()
         first_byte_deadline = anyio.current_time() + config.first_byte_timeout
