@@ -3,8 +3,10 @@ the x-modeld headers on every answer (bodies: tests/reliability/test_input_bodie
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import time
 
 import anyio
 import h11
@@ -188,3 +190,40 @@ async def test_a_404_saying_the_model_is_gone_fails_over_a_404_for_a_path_is_pas
         "detail": "Not Found"}
     assert bad_path.value.response.headers["x-modeld-model"] == "lost"
     assert door.observed == []
+
+
+async def test_a_server_that_never_accepts_the_connection_is_failed_over_at_the_connect_timeout(
+        ) -> None:
+    # a listener whose backlog is full: further SYNs are dropped, as by a dead host's network
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead.listen(0)
+    held = []
+    for _ in range(3):
+        sock = socket.socket()
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            sock.connect(dead.getsockname())
+        held.append(sock)
+    await anyio.sleep(0.05)
+    port = dead.getsockname()[1]
+    config = GatewayConfig(listen="x:1", first_byte_timeout=5)
+    try:
+        async with ChatOpenAI(["llama3"]) as other, running_door(
+                [spec("qwen", f"http://127.0.0.1:{port}", model=QWEN, primary=True),
+                 spec("llama", other.url, model="llama3")], gateway=config) as door:
+            door.gateway.client.connect_timeout = 0.3
+            started = time.monotonic()
+            raw = await door.client().chat.completions.with_raw_response.create(
+                model="chat", messages=HELLO)  # type: ignore[arg-type]
+            took = time.monotonic() - started
+            await door.settled()
+    finally:
+        for sock in (*held, dead):
+            sock.close()
+    assert raw.headers["x-modeld-model"] == "llama"
+    assert 0.3 <= took < 2.0
+    ((model_id, result),) = door.observed
+    assert model_id == "qwen" and "connect timed out" in result.reason
+    assert door.sample("modeld_gateway_failovers_total", role="chat", model_id="qwen",
+                       reason="timeout") == 1

@@ -454,6 +454,8 @@ def _model_missing(body: bytes | None) -> str | None:
 
 
 def _kind(reason: str) -> str:
+    if "timed out" in reason:
+        return "timeout"
     if "refused" in reason:
         return "refused"
     if "reset" in reason or "closed" in reason:

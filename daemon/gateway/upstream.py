@@ -161,6 +161,10 @@ class UpstreamPool:
 
     idle_expiry: float = 4.0
     max_idle_per_origin: int = 256
+    #: a server that does not accept a connection within this is failed over at once: a dead
+    #: host whose packets are dropped (no refusal) would otherwise hold every request for the
+    #: whole first_byte_timeout (60 s by default) before the next model is tried
+    connect_timeout: float = 5.0
     user_agent: bytes = b"modeld"
     _idle: dict[Origin, list[_Conn]] = field(default_factory=dict)
     _ssl: ssl.SSLContext | None = None
@@ -246,6 +250,20 @@ class UpstreamPool:
 
     async def _connect(self, origin: Origin) -> _Conn:
         try:
+            with anyio.fail_after(self.connect_timeout):
+                stream = await self._open(origin)
+        except TimeoutError:
+            raise TransportError(f"connect timed out ({self.connect_timeout:g}s)") from None
+        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+        if raw is not None:
+            # the request goes out in one write, but an SSE relay must never wait for Nagle
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return _Conn(origin, stream, h11.Connection(h11.CLIENT,
+                                                    max_incomplete_event_size=MAX_RESPONSE_HEAD),
+                     direct=DirectWrite.of(stream))
+
+    async def _open(self, origin: Origin) -> anyio.abc.ByteStream:
+        try:
             if origin.tls:
                 if self._ssl is None:
                     self._ssl = ssl.create_default_context()
@@ -256,13 +274,7 @@ class UpstreamPool:
                 stream = await anyio.connect_tcp(origin.host, origin.port)
         except OSError as exc:
             raise TransportError(_connect_reason(exc)) from None
-        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
-        if raw is not None:
-            # the request goes out in one write, but an SSE relay must never wait for Nagle
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return _Conn(origin, stream, h11.Connection(h11.CLIENT,
-                                                    max_incomplete_event_size=MAX_RESPONSE_HEAD),
-                     direct=DirectWrite.of(stream))
+        return stream
 
     async def aclose(self) -> None:
         """Close every idle connection."""
