@@ -227,3 +227,18 @@ async def test_a_server_that_never_accepts_the_connection_is_failed_over_at_the_
     assert model_id == "qwen" and "connect timed out" in result.reason
     assert door.sample("modeld_gateway_failovers_total", role="chat", model_id="qwen",
                        reason="timeout") == 1
+
+
+async def test_a_head_over_the_cap_is_refused_however_its_bytes_arrive() -> None:
+    async with ChatOpenAI([QWEN], flavor="vllm") as vllm, \
+            running_door([spec("qwen", vllm.url, model=QWEN, primary=True)]) as door:
+        port = int(door.url.rsplit(":", 1)[1])
+        filler = b"".join(b"x-f%d: %s\r\n" % (i, b"a" * 1000) for i in range(100))  # 100 kB
+        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+            await stream.send(b"GET /v1/models HTTP/1.1\r\nHost: d\r\n" + filler + b"\r\n")
+            answer = b""
+            with anyio.fail_after(2), contextlib.suppress(anyio.EndOfStream):
+                while b"\r\n\r\n" not in answer:
+                    answer += await stream.receive()
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:80]
+    assert b"request head" in answer
