@@ -108,7 +108,7 @@ async def test_a_client_that_stops_reading_holds_the_upstream_back_not_the_doors
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: d\r\nConnection: close\r\n"
                      b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                      % (len(body), body))
-        await anyio.sleep(1.0)  # the client reads nothing
+        await anyio.sleep(0.5)  # the client reads nothing
         assert door.gateway.in_flight == 1  # still relaying, at the client's pace
         (conn,) = door.server._connections
         buffered = conn.stream._transport.get_write_buffer_size()  # type: ignore[attr-defined]
@@ -242,3 +242,24 @@ async def test_a_head_over_the_cap_is_refused_however_its_bytes_arrive() -> None
                     answer += await stream.receive()
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:80]
     assert b"request head" in answer
+
+
+async def test_capability_headers_are_bounded_and_deduplicated() -> None:
+    async with ChatOpenAI([QWEN], flavor="vllm") as vllm, \
+            running_door([spec(f"m{i}", vllm.url, model=QWEN, primary=i == 0,
+                               capability_tags=("code",)) for i in range(20)]) as door, \
+            httpx.AsyncClient() as client:
+        many = await client.post(f"{door.url}{CHAT}", json={"model": "chat", "messages": HELLO},
+                                 headers={"x-modeld-capabilities": ",".join(
+                                     f"tag{i}" for i in range(5000))})
+        long = await client.post(f"{door.url}{CHAT}", json={"model": "chat", "messages": HELLO},
+                                 headers={"x-modeld-capabilities": "x" * 5000})
+        repeated = await client.post(f"{door.url}{CHAT}",
+                                     json={"model": "chat", "messages": HELLO},
+                                     headers={"x-modeld-capabilities": ",".join(["code"] * 500)})
+    for answer in (many, long):
+        assert answer.status_code == 400, answer.status_code
+        assert answer.json()["error"]["code"] == "invalid_capabilities"
+        assert len(answer.content) < 1000
+    assert repeated.status_code == 200
+    assert repeated.headers["x-modeld-model"] == "m0"

@@ -42,6 +42,7 @@ from .routing import (
     choose,
     model_entry,
     model_listing,
+    parse_capabilities,
     routable,
     upstream_url,
 )
@@ -206,9 +207,7 @@ class Gateway:
             raise DoorError(400, "missing_model", 'the request body needs "model": a role '
                             '(e.g. "chat") or a model id; GET /v1/models lists them')
         registry = self.registry()
-        capabilities = tuple(
-            tag.strip() for tag in (request.header("x-modeld-capabilities") or "").split(",")
-            if tag.strip())
+        capabilities = _capabilities(request.header("x-modeld-capabilities"))
         try:
             chain = choose(registry, asked, capabilities)
         except DoorError as exc:
@@ -370,6 +369,22 @@ class Gateway:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+#: ``x-modeld-capabilities`` is bounded: each tag is checked against every model of the role
+#: and named in the reasons of a 503, so 10,000 tags cost 20 ms of the loop and megabytes
+MAX_CAPABILITIES = 32
+MAX_CAPABILITY_CHARS = 64
+
+
+def _capabilities(header: str | None) -> tuple[str, ...]:
+    tags = parse_capabilities(header)
+    if len(tags) > MAX_CAPABILITIES or any(len(t) > MAX_CAPABILITY_CHARS for t in tags):
+        raise DoorError(400, "invalid_capabilities",
+                        f"x-modeld-capabilities: at most {MAX_CAPABILITIES} tags of at most "
+                        f"{MAX_CAPABILITY_CHARS} characters, comma-separated "
+                        f"(got {len(tags)})")
+    return tags
 
 
 def _parse_body(body: bytes) -> dict[str, Any]:
