@@ -263,3 +263,13 @@ async def test_capability_headers_are_bounded_and_deduplicated() -> None:
         assert len(answer.content) < 1000
     assert repeated.status_code == 200
     assert repeated.headers["x-modeld-model"] == "m0"
+
+
+async def test_an_unknown_model_is_named_in_the_404_but_never_echoed_whole() -> None:
+    async with ChatOpenAI([QWEN], flavor="vllm") as vllm, \
+            running_door([spec("qwen", vllm.url, model=QWEN, primary=True)]) as door:
+        with pytest.raises(openai.NotFoundError) as unknown:
+            await door.client().chat.completions.create(model="y" * 200_000, messages=HELLO)  # type: ignore[arg-type]
+    assert unknown.value.code == "model_not_found"
+    assert "y" * 128 in unknown.value.message and "200000 characters" in unknown.value.message
+    assert len(unknown.value.response.content) < 2000

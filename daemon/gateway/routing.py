@@ -156,6 +156,8 @@ def _unknown(registry: ModelRegistry, asked: str) -> DoorError:
     roles = sorted(registry.roles)
     models = sorted(m for m, e in registry.models.items() if routable(e.spec))
     known = ", ".join([*roles, *models][:30]) or "none"
+    if len(asked) > 128:  # an error never echoes a client's field whole (it may be megabytes)
+        asked = asked[:128] + f"... ({len(asked)} characters)"
     return DoorError(404, "model_not_found",
                      f'The model `{asked}` does not exist: it is neither a role nor a model id '
                      f"of this modeld (roles and models: {known}).")
