@@ -304,9 +304,10 @@ class DirectWrite:
 
     ``SocketStream.send`` yields to the event loop after every write (a shielded checkpoint)
     and its caller's write deadline costs a timer, about 13 µs of a relayed request's 400 here
-    (each request makes two writes). A write the transport takes without going over its
-    high-water mark needs neither; ordering and back-pressure stay the transport's own (what
-    the kernel does not take at once is buffered there, in order, and pauses the writer).
+    (each request makes two writes). A write the kernel takes whole needs neither; ordering
+    and back-pressure stay the transport's own (anyio sets its high-water mark to 0: what the
+    kernel does not take at once is buffered there, in order, and pauses the writer, and the
+    caller then waits for the drain as anyio's ``send`` would).
     Built only over anyio's asyncio stream (``of`` gives None otherwise: Unix sockets, TLS,
     another backend — callers keep their ``send``).
     """
