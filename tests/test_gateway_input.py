@@ -9,6 +9,7 @@ import socket
 import time
 
 import anyio
+import anyio.abc
 import h11
 import httpx
 import openai
@@ -273,3 +274,31 @@ async def test_an_unknown_model_is_named_in_the_404_but_never_echoed_whole() -> 
     assert unknown.value.code == "model_not_found"
     assert "y" * 128 in unknown.value.message and "200000 characters" in unknown.value.message
     assert len(unknown.value.response.content) < 2000
+
+
+async def test_an_upstream_redirect_fails_over_and_never_reaches_the_client() -> None:
+    async def redirect(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            await stream.receive()
+            await stream.send(b"HTTP/1.1 301 Moved Permanently\r\n"
+                              b"Location: https://upstream.internal:8443/v1/chat/completions\r\n"
+                              b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with anyio.create_task_group() as tg, ChatOpenAI(["llama3"]) as other:
+        tg.start_soon(listener.serve, redirect)
+        async with running_door([spec("qwen", f"http://127.0.0.1:{port}", model=QWEN,
+                                      primary=True),
+                                 spec("llama", other.url, model="llama3")]) as door:
+            raw = await door.client().chat.completions.with_raw_response.create(
+                model="chat", messages=HELLO)  # type: ignore[arg-type]
+            await door.settled()
+            ((model_id, result),) = door.observed
+            with pytest.raises(openai.InternalServerError) as only:
+                await door.client().chat.completions.create(model="qwen", messages=HELLO)  # type: ignore[arg-type]
+        tg.cancel_scope.cancel()
+    assert raw.headers["x-modeld-model"] == "llama"
+    assert model_id == "qwen" and "redirect" in result.reason
+    assert "location" not in only.value.response.headers
+    assert "upstream.internal" not in only.value.response.text

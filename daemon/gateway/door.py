@@ -5,10 +5,11 @@ A request names a role or a model (:mod:`.routing`); its chain is tried in order
 the upstream refuses or resets the connection, sends nothing within ``first_byte_timeout``
 (no headers, or headers and no first chunk), or answers 502/503/504/429 (or 401/403: the
 upstream refused *modeld's* key; or a 404 saying the model is not there: the door chose that
-name, not the client). Each failed attempt is an observation for that model's
-health, handed to the scheduler, which starts rechecks at once: the first failed request,
-not the next probe, moves ``resolve`` and the door for everyone. A request's success is
-not a latency sample (generation time is not probe latency), so it is not observed.
+name, not the client; or a redirect, which would send the client past the door). Each failed
+attempt is an observation for that model's health, handed to the scheduler, which starts
+rechecks at once: the first failed request, not the next probe, moves ``resolve`` and the
+door for everyone. A request's success is not a latency sample (generation time is not
+probe latency), so it is not observed.
 
 Any other answer is the client's: relayed byte for byte (hop-by-hop headers dropped), chunk
 by chunk as it arrives, each chunk sent before the next is read — the upstream slows down
@@ -297,6 +298,12 @@ class Gateway:
             status = response.status
             if status in FAILOVER_STATUSES:
                 return await self._refused(response, first_byte_deadline)
+            if 300 <= status < 400:
+                # never the client's: relayed, its Location would send the client (and its
+                # SDK, which follows redirects) to the upstream itself, past the door
+                reason = (f"HTTP {status}: a redirect (the endpoint is not where the server "
+                          "answers: check the model's endpoint)")
+                return _Failure(reason, "redirect", ProbeResult.failure(reason))
             if status == 404 and (missing := _model_missing(first)) is not None:
                 # the door chose the upstream name, not the client: the model is gone from
                 # that server (deleted, renamed, another one loaded) — fail over
