@@ -320,7 +320,7 @@ class DoorServer:
     async def _read_request(self, conn: _Connection, first: bool) -> DoorRequest | None:
         idle = READ_TIMEOUT if first else KEEPALIVE_TIMEOUT
         deadline: float | None = None
-        head: h11.Request | None = None
+        request: DoorRequest | None = None
         body = bytearray()
         limit = self.max_body()
         try:
@@ -345,7 +345,6 @@ class DoorServer:
                                        f"the request did not arrive within {READ_TIMEOUT:g} s")
                     return None
                 if isinstance(event, h11.Request):
-                    head = event
                     # h11 bounds a head still arriving; one that came whole in a read or two
                     # is measured here, so the cap holds however the bytes were split
                     size = len(event.target) + sum(len(k) + len(v) + 4
@@ -361,8 +360,9 @@ class DoorServer:
                                            f"request body of {length} bytes is over the limit "
                                            f"of {limit} bytes (gateway.max_request_bytes)")
                         return None
+                    request = _head(event)
                     if self.admit is not None:
-                        refused = self.admit(_head(event))
+                        refused = self.admit(request)
                         if refused is not None:
                             await self._close_with(conn, *refused)
                             return None
@@ -375,8 +375,7 @@ class DoorServer:
                                            "(gateway.max_request_bytes)")
                         return None
                 elif isinstance(event, h11.EndOfMessage):
-                    assert head is not None
-                    request = _head(head)
+                    assert request is not None
                     request.body = bytes(body)
                     return request
                 else:  # ConnectionClosed, PAUSED
