@@ -29,6 +29,7 @@ class Door:
     metrics: Metrics
     observed: list[tuple[str, ProbeResult]] = field(default_factory=list)
     environ: dict[str, str] = field(default_factory=dict)
+    rechecked: list[str] = field(default_factory=list)  # recheck asked, nothing recorded
 
     clients: dict[str, openai.AsyncOpenAI] = field(default_factory=dict)
 
@@ -78,11 +79,13 @@ async def running_door(models: Sequence[ModelSpec], *, gateway: GatewayConfig | 
         observed.append((model_id, result))
         registry.apply_probe(model_id, result, time.time())
 
+    rechecked: list[str] = []
     env = dict(environ or {})
     log = structlog.get_logger("test.gateway")
     async with make_upstream_client() as client:
         gw = Gateway(config=lambda: config.gateway, registry=lambda: registry, observe=observe,
-                     client=client, log=log, metrics=metrics, environ=env, created=1700000000)
+                     recheck=rechecked.append, client=client, log=log, metrics=metrics,
+                     environ=env, created=1700000000)
         server = DoorServer(gw.handle, lambda: config.gateway.max_request_bytes, refusal, log,
                             admit=gw.admit)
         listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
@@ -90,7 +93,7 @@ async def running_door(models: Sequence[ModelSpec], *, gateway: GatewayConfig | 
         async with anyio.create_task_group() as tg:
             await tg.start(server.serve, listener)
             door = Door(f"http://127.0.0.1:{port}", registry, gw, server, metrics, observed,
-                        env)
+                        env, rechecked)
             try:
                 yield door
             finally:

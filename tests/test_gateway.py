@@ -176,6 +176,27 @@ async def test_an_upstream_silent_past_the_first_byte_timeout_hands_over_to_the_
         assert "gateway.first_byte_timeout" in result.reason
 
 
+async def test_a_non_streamed_answer_slower_than_the_first_byte_timeout_fails_over_unblamed():
+    # vLLM, llama.cpp and Ollama send nothing of a non-streamed answer before its end: a long
+    # generation looks like a hang to the door. It moves on, and asks the probes to look at once
+    # instead of counting a failure (three long generations must not mark a healthy model down)
+    config = GatewayConfig(listen="x:1", first_byte_timeout=0.3)
+    async with ChatOpenAI([QWEN], flavor="vllm") as vllm, ChatOpenAI(["llama3"]) as other, \
+            running_door(chat_pair(vllm, other), gateway=config) as door:
+        vllm.set_chat_fault("hang")
+        for _ in range(3):
+            raw = await door.client().chat.completions.with_raw_response.create(
+                model="chat", messages=HELLO)
+            assert raw.headers["x-modeld-model"] == "llama"
+            assert raw.headers["x-modeld-attempts"] == "2"
+        await door.settled()
+        assert door.observed == []
+        assert door.rechecked == ["qwen"] * 3
+        assert door.registry.models["qwen"].health.status.value == "healthy"
+        assert door.sample("modeld_gateway_failovers_total", role="chat", model_id="qwen",
+                           reason="timeout") == 3
+
+
 async def test_a_client_error_is_passed_back_untouched_and_counts_against_nobody():
     async with ChatOpenAI([QWEN], flavor="vllm") as vllm, ChatOpenAI(["llama3"]) as other, \
             running_door(chat_pair(vllm, other)) as door:

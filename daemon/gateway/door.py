@@ -72,6 +72,7 @@ _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "authorization", "cooki
 _ERROR_PEEK_BYTES = 2048
 
 Observe = Callable[[str, ProbeResult], None]
+Recheck = Callable[[str], None]
 
 
 @dataclass(slots=True)
@@ -79,6 +80,9 @@ class _Failure:
     reason: str  # one line, for the log, the metrics and the 503's reasons
     kind: str  # refused, reset, timeout, http_503, key, ...
     result: ProbeResult
+    # False: the attempt says nothing about the model's health (a long generation that sends
+    # nothing before its end); the probes are asked to look at once instead
+    observed: bool = True
 
 
 def make_upstream_client() -> UpstreamPool:
@@ -99,11 +103,13 @@ class Gateway:
     def __init__(self, *, config: Callable[[], GatewayConfig],
                  registry: Callable[[], ModelRegistry], observe: Observe,
                  client: UpstreamPool, log: Any, metrics: Any = None,
+                 recheck: Recheck | None = None,
                  environ: Mapping[str, str] | None = None,
                  created: int | None = None) -> None:
         self.config = config
         self.registry = registry
         self.observe = observe
+        self.recheck = recheck
         self.client = client
         self.log = log
         self.metrics = metrics
@@ -230,7 +236,7 @@ class Gateway:
                 name = spec.upstream_name
                 body = bodies.get(name) or bodies.setdefault(name, _rewritten(payload, name))
                 failure = await self._attempt(spec, request, body, headers, reply, attempt,
-                                              chain, config)
+                                              chain, config, payload.get("stream") is True)
                 if failure is None:
                     return
                 failures[model_id] = failure.reason
@@ -261,8 +267,8 @@ class Gateway:
 
     async def _attempt(self, spec: ModelSpec, request: DoorRequest, body: bytes,
                        headers: list[tuple[bytes, bytes]], reply: Reply, attempt: int,
-                       chain: Chain,
-                       config: GatewayConfig) -> _Failure | None:
+                       chain: Chain, config: GatewayConfig,
+                       streaming: bool) -> _Failure | None:
         """One try: None when the answer was the client's (relayed), else why it failed."""
         try:
             auth = upstream_auth(spec, self.environ)
@@ -288,6 +294,12 @@ class Gateway:
                           "(gateway.first_byte_timeout)")
                 if response is not None:
                     reason = f"headers, then {reason}"
+                elif not streaming:
+                    # vLLM, llama.cpp and Ollama send nothing of a non-streamed answer before
+                    # its end: a long generation is not a hung server. Fail over, and let the
+                    # probes (their hang detection) tell which it was
+                    return _Failure(reason, "timeout", ProbeResult.failure(reason),
+                                    observed=False)
                 return _Failure(reason, "timeout", ProbeResult.failure(reason))
             except TransportError as exc:
                 if response is None:
@@ -364,6 +376,10 @@ class Gateway:
         return _Failure(reason, f"http_{status}", ProbeResult.failure(reason))
 
     def _observe_failure(self, spec: ModelSpec, failure: _Failure) -> None:
+        if not failure.observed:
+            if self.recheck is not None:
+                self.recheck(spec.id)
+            return
         result = failure.result
         self.observe(spec.id, ProbeResult(result.status, None, f"front door: {result.reason}",
                                           result.facts))

@@ -366,7 +366,8 @@ class Daemon:
         client = self.gateway_client = make_upstream_client()
         log = self.log.bind(component="gateway")
         self.gateway = Gateway(config=lambda: self.config.gateway, registry=lambda: self.registry,
-                               observe=self.scheduler.observe, client=client,
+                               observe=self.scheduler.observe,
+                               recheck=self.scheduler.recheck, client=client,
                                log=log, metrics=self.metrics, environ=self.environ)
         self.door_server = DoorServer(
             self.gateway.handle, lambda: self.config.gateway.max_request_bytes, refusal, log,

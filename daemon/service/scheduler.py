@@ -86,10 +86,19 @@ class ProbeScheduler:
         self.apply(entry.spec, result)
         entry = self.daemon.registry.models.get(model_id)
         if entry is not None and not result.ok and needs_recheck(entry.health):
-            self.next_due[model_id] = time.monotonic()
-            waker = self._wakers.get(entry.spec.endpoint_key)
-            if waker is not None:
-                waker.set()
+            self.recheck(model_id)
+
+    def recheck(self, model_id: str) -> None:
+        """Probe ``model_id`` at once, recording nothing: something outside the probes (a
+        front-door request that timed out without saying whether the server is hung) wants
+        the probes' verdict now."""
+        entry = self.daemon.registry.models.get(model_id)
+        if entry is None:
+            return
+        self.next_due[model_id] = time.monotonic()
+        waker = self._wakers.get(entry.spec.endpoint_key)
+        if waker is not None:
+            waker.set()
 
     def overdue_after(self, model_id: str) -> float | None:
         """Seconds after which a probe of ``model_id`` still unanswered counts as hanging, so
