@@ -26,17 +26,28 @@ import zlib
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 import anyio
+import h11
 import httpx
 import structlog
 
 from .. import __version__
 from ..core.model import ModelSpec, ProbeResult
 from ..core.settings import ProbeConfig
-from .replies import Reply, UpstreamError, describe_transport_error, parse_json_body, redact_url
+from .replies import (
+    Reply,
+    UpstreamError,
+    describe_transport_error,
+    one_line,
+    parse_json_body,
+    redact_url,
+)
+
+if TYPE_CHECKING:  # imported where used: daemon.gateway imports this module
+    from ..gateway.upstream import UpstreamPool, UpstreamResponse
 
 USER_AGENT = f"modeld/{__version__}"
 
@@ -56,14 +67,21 @@ def make_http_client(
     connections, and every phase has an explicit timeout. ``transport`` is for tests
     (``httpx.MockTransport``).
     """
+    keepalive = max(30.0, 2 * probe.interval)
     limits = httpx.Limits(
         max_connections=probe.max_concurrent,
         max_keepalive_connections=probe.max_concurrent,
-        keepalive_expiry=max(30.0, 2 * probe.interval),
+        keepalive_expiry=keepalive,
     )
+    from ..gateway.upstream import UpstreamPool
+
+    lean: UpstreamPool | None = None
     if transport is None:
         transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
-    return httpx.AsyncClient(
+        lean = UpstreamPool(idle_expiry=keepalive, max_idle_per_origin=probe.max_concurrent,
+                            user_agent=f"{USER_AGENT} (pid {os.getpid()})".encode())
+    return ProbeClient(
+        lean,
         follow_redirects=False,
         trust_env=False,
         limits=limits,
@@ -75,6 +93,27 @@ def make_http_client(
                  "Accept-Encoding": "identity"},
         transport=UndecodedTransport(transport),
     )
+
+
+class ProbeClient(httpx.AsyncClient):
+    """The daemon's probe client: httpx, plus ``lean``, the h11 keep-alive pool that
+    :class:`ProbeContext` sends its plain-HTTP requests through (None with a test transport).
+
+    Why: on a quiet host the probes' own requests were most of the daemon's CPU — an httpx
+    request through the context cost about 1 ms of CPU, the same exchange on the front door's
+    h11 client (:class:`~daemon.gateway.upstream.UpstreamPool`) 0.3 ms (tests/bench/
+    bench_quiet.py). A plugin using ``ctx.client`` directly still gets httpx; so do https
+    and deep probes' bodies.
+    """
+
+    def __init__(self, lean: UpstreamPool | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.lean = lean
+
+    async def aclose(self) -> None:
+        if self.lean is not None:
+            await self.lean.aclose()
+        await super().aclose()
 
 
 #: Where :class:`UndecodedTransport` moves a response's Content-Encoding.
@@ -636,9 +675,11 @@ class ProbeContext:
         remaining = self.remaining()
         if remaining <= 0:
             raise _LeaderGaveUp(self.timed_out_reason())
+        lean = getattr(self.client, "lean", None)
+        if lean is not None and _lean_fits(method, url, json, headers):
+            return await self._exchange_lean(lean, method, url, headers, remaining)
         cap = self.max_response_bytes
         started = time.perf_counter()
-        chunks: list[bytes] = []
         try:
             # fail_after bounds the whole exchange: httpx's timeouts are per read, so a server
             # that drips one byte a second would otherwise never time out.
@@ -646,29 +687,13 @@ class ProbeContext:
                 async with self.client.stream(
                     method, url, json=json, headers=headers, timeout=httpx.Timeout(remaining)
                 ) as response:
-                    declared = response.headers.get("content-length", "")
-                    if declared.isdigit() and int(declared) > cap:
-                        raise UpstreamError(f"response too large (> {cap} bytes)")
+                    _check_declared(response.headers.get("content-length", ""), cap)
                     # the raw bytes, decoded here: httpx would inflate a whole chunk (and
                     # every layer of it) before any cap could be checked
                     encoding = response.headers.get(
                         RAW_ENCODING_HEADER, response.headers.get("content-encoding", ""))
                     layers = _decoders(encoding, cap)
-                    raw_size = size = 0
-                    async for raw in _raw_chunks(response, layers):
-                        raw_size += len(raw)
-                        if raw_size > cap:
-                            raise UpstreamError(f"response too large (> {cap} bytes)")
-                        for chunk in _decoded(layers, raw):
-                            size += len(chunk)
-                            if size > cap:
-                                raise UpstreamError(f"response too large (> {cap} bytes)")
-                            chunks.append(chunk)
-                    for chunk in _decoded(layers, b"", final=True):
-                        size += len(chunk)
-                        if size > cap:
-                            raise UpstreamError(f"response too large (> {cap} bytes)")
-                        chunks.append(chunk)
+                    chunks = await _capped_body(_raw_chunks(response, layers), layers, cap)
                     status = response.status_code
                     reply_headers = {k.lower(): v for k, v in response.headers.items()}
         except TimeoutError:
@@ -677,6 +702,43 @@ class ProbeContext:
             raise _TimedOut(self.timed_out_reason()) from None
         except httpx.HTTPError as exc:
             raise UpstreamError(describe_transport_error(exc)) from None
+        return self._reply(method, url, status, reply_headers, chunks, started)
+
+    async def _exchange_lean(self, pool: UpstreamPool, method: str, url: str,
+                             headers: Mapping[str, str] | None, remaining: float) -> Reply:
+        """The same exchange on the h11 pool: the same identity request, the same caps on
+        raw and decoded bytes as they arrive, the same deadline for the whole of it."""
+        from ..gateway.upstream import TransportError
+
+        cap = self.max_response_bytes
+        started = time.perf_counter()
+        sent = {"accept": "*/*", "accept-encoding": "identity"}
+        sent.update((k.lower(), v) for k, v in (headers or {}).items())
+        try:
+            with anyio.fail_after(remaining):
+                response = await pool.request(
+                    method, url, [(k.encode(), v.encode()) for k, v in sent.items()], b"")
+                try:
+                    reply_headers = _joined_headers(response.headers)
+                    _check_declared(reply_headers.get("content-length", ""), cap)
+                    encoding = reply_headers.pop("content-encoding", None)
+                    if encoding is not None:  # as UndecodedTransport shows it
+                        reply_headers[RAW_ENCODING_HEADER] = encoding
+                    layers = _decoders(encoding or "", cap)
+                    chunks = await _capped_body(_lean_chunks(response), layers, cap)
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            raise _TimedOut(self.timed_out_reason()) from None
+        except TransportError as exc:
+            raise UpstreamError(exc.reason) from None
+        except h11.ProtocolError as exc:
+            raise UpstreamError(f"HTTP protocol error: {one_line(str(exc))}") from None
+        return self._reply(method, url, response.status, reply_headers, chunks, started)
+
+    @staticmethod
+    def _reply(method: str, url: str, status: int, reply_headers: dict[str, str],
+               chunks: list[bytes], started: float) -> Reply:
         body = b"".join(chunks)
         data, json_error = parse_json_body(body, reply_headers)
         return Reply(
@@ -689,6 +751,63 @@ class ProbeContext:
             data=data,
             json_error=json_error,
         )
+
+
+def _lean_fits(method: str, url: str, json: Any, headers: Mapping[str, str] | None) -> bool:
+    """Whether a request can go through the h11 pool: plain HTTP, no body, no user info in
+    the URL, and no header the pool sets itself. Anything else goes through httpx."""
+    if json is not None or method not in ("GET", "HEAD") or not url.startswith("http://"):
+        return False
+    if "@" in url.partition("//")[2].partition("/")[0]:
+        return False
+    return not any(k.lower() in ("host", "user-agent", "content-length",
+                                 "transfer-encoding") for k in headers or {})
+
+
+def _check_declared(declared: str, cap: int) -> None:
+    if declared.isdigit() and int(declared) > cap:
+        raise UpstreamError(f"response too large (> {cap} bytes)")
+
+
+def _joined_headers(raw: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Response headers by lower-case name, repeated ones joined with ", " (as httpx's
+    ``Headers.items()`` gives them)."""
+    out: dict[str, str] = {}
+    for name, value in raw:
+        key = name.decode("latin-1").lower()
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            text = value.decode("latin-1")
+        out[key] = f"{out[key]}, {text}" if key in out else text
+    return out
+
+
+async def _lean_chunks(response: UpstreamResponse) -> Any:
+    while (chunk := await response.next_chunk()) is not None:
+        yield chunk
+
+
+async def _capped_body(raw_chunks: Any, layers: list[_Inflater], cap: int) -> list[bytes]:
+    """The decoded body from ``raw_chunks``, stopped as soon as the raw or the decoded bytes
+    pass ``cap`` (UpstreamError)."""
+    chunks: list[bytes] = []
+    raw_size = size = 0
+    async for raw in raw_chunks:
+        raw_size += len(raw)
+        if raw_size > cap:
+            raise UpstreamError(f"response too large (> {cap} bytes)")
+        for chunk in _decoded(layers, raw):
+            size += len(chunk)
+            if size > cap:
+                raise UpstreamError(f"response too large (> {cap} bytes)")
+            chunks.append(chunk)
+    for chunk in _decoded(layers, b"", final=True):
+        size += len(chunk)
+        if size > cap:
+            raise UpstreamError(f"response too large (> {cap} bytes)")
+        chunks.append(chunk)
+    return chunks
 
 
 #: Judges a reply's status: the verdict that ends the probe, or None to read the body.
