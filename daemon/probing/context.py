@@ -59,7 +59,7 @@ Log = Any  # a structlog bound logger; structlog's own types are too loose to be
 
 def make_http_client(
     probe: ProbeConfig, *, transport: httpx.AsyncBaseTransport | None = None
-) -> httpx.AsyncClient:
+) -> ProbeClient:
     """The daemon's one shared HTTP client, sized and bounded for probing.
 
     Redirects are not followed (a probe reports them), proxies from the environment are not
