@@ -48,8 +48,8 @@ from .messages import (
     StreamingResponse,
     error_body,
 )
+from .sockio import receive, send_all, unix_socket
 
-_RECEIVE_SIZE = 65536
 SERVER_NAME = b"modeld"
 #: connections being answered "no" at once; beyond this a refused connection is closed
 #: without an answer, so a client reconnecting in a loop cannot pile up descriptors
@@ -271,7 +271,7 @@ class HTTPServer:
             peer=peer,
             h11=h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes),
             log=self.log,
-            raw=_unix_socket(stream),
+            raw=unix_socket(stream),
             admin=admin,
         )
         key = _peer_key(peer)
@@ -411,7 +411,7 @@ class HTTPServer:
         ).encode()
         try:
             with anyio.move_on_after(1.0):
-                await _send_all(stream, head + body)
+                await send_all(stream, head + body)
                 await _linger(stream, 0.2)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
@@ -471,7 +471,7 @@ class HTTPServer:
                     if deadline is None:  # pipelined bytes of this request were buffered
                         deadline = anyio.current_time() + limits.read_timeout
                     with anyio.move_on_at(deadline):
-                        conn.h11.receive_data(await _receive(conn.stream, conn.raw))
+                        conn.h11.receive_data(await receive(conn.stream, conn.raw))
                         continue
                     await self._refuse(
                         conn,
@@ -540,7 +540,7 @@ class HTTPServer:
         with anyio.CancelScope(deadline=deadline) as scope:
             conn.idle_scope = scope
             try:
-                data = await _receive(conn.stream, conn.raw)
+                data = await receive(conn.stream, conn.raw)
             finally:
                 conn.idle_scope = None
         if scope.cancelled_caught:
@@ -698,14 +698,13 @@ class HTTPServer:
             data = data[sent:]
         try:
             with anyio.fail_after(self.limits.write_timeout):
-                await _send_all(conn.stream, data, conn.raw)
+                await send_all(conn.stream, data, conn.raw)
         except TimeoutError as exc:
             raise _ClientGone("write timed out") from exc
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             raise _ClientGone(str(exc)) from exc
 
 
-_LOOK_UP: Any = object()
 
 
 def _peer_key(peer: Peer | None) -> int | None:
@@ -723,63 +722,11 @@ def _release(counts: Counter[int | None], key: int | None) -> None:
         del counts[key]
 
 
-def _unix_socket(stream: anyio.abc.ByteStream) -> socket.socket | None:
-    """The Unix socket under ``stream``, or None (TCP, or not a socket at all)."""
-    raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
-    return raw if raw is not None and raw.family == socket.AF_UNIX else None
-
-
-async def _receive(stream: anyio.abc.ByteStream, raw: Any = _LOOK_UP) -> bytes:
-    """Up to 64 KiB; b"" at end of stream or when the connection broke.
-
-    ``raw`` is the Unix socket under ``stream`` when the caller has already looked it up.
-    """
-    if raw is _LOOK_UP:
-        raw = _unix_socket(stream)
-    try:
-        if raw is not None:
-            # anyio's asyncio UNIXSocketStream.receive() leaves its reader registered for a
-            # moment after a cancelled receive; if the socket turns readable in that moment
-            # the loop logs InvalidStateError (agronholm/anyio#1267 is the aclose() side of
-            # it). Timeouts and shutdown cancel receives all the time here, so wait with
-            # anyio.wait_readable(), which tolerates that race, and read the socket directly.
-            await anyio.lowlevel.checkpoint()
-            while True:
-                try:
-                    data: bytes = raw.recv(_RECEIVE_SIZE)
-                    return data
-                except BlockingIOError:
-                    await anyio.wait_readable(raw)
-        return await stream.receive(_RECEIVE_SIZE)
-    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-        return b""
-
-
-async def _send_all(stream: anyio.abc.ByteStream, data: bytes, raw: Any = _LOOK_UP) -> None:
-    """Send every byte; raises OSError or anyio's stream errors when the client is gone."""
-    if raw is _LOOK_UP:
-        raw = _unix_socket(stream)
-    if raw is None:
-        await stream.send(data)
-        return
-    # The same cancelled-waiter race as in _receive, on the sending side (write timeouts and
-    # ending streams at shutdown cancel sends).
-    await anyio.lowlevel.checkpoint()
-    view = memoryview(data)
-    while view:
-        try:
-            sent = raw.send(view)
-        except BlockingIOError:
-            await anyio.wait_writable(raw)
-            continue
-        view = view[sent:]
-
-
 async def _watch_for_hangup(
     stream: anyio.abc.ByteStream, scope: anyio.CancelScope, hung_up: anyio.Event
 ) -> None:
     """End a streaming response as soon as the client hangs up (the stream may be idle)."""
-    while await _receive(stream):
+    while await receive(stream):
         pass
     hung_up.set()
     scope.cancel()
@@ -787,7 +734,7 @@ async def _watch_for_hangup(
 
 async def _linger(stream: anyio.abc.ByteStream, seconds: float) -> None:
     with anyio.move_on_after(seconds):
-        while await _receive(stream):
+        while await receive(stream):
             pass
 
 

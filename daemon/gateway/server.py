@@ -23,9 +23,9 @@ import anyio.abc
 import anyio.lowlevel
 import h11
 
+from ..control.sockio import receive, send_all
 from .upstream import DirectWrite
 
-_RECEIVE_SIZE = 65536
 MAX_HEADER_BYTES = 64 * 1024
 READ_TIMEOUT = 60.0  # a whole request (head and body) must arrive within this
 KEEPALIVE_TIMEOUT = 30.0  # an idle keep-alive connection is closed after this
@@ -149,7 +149,7 @@ class _Connection:
                 data = b""  # handed over: wait below until the transport has drained
         try:
             with anyio.fail_after(WRITE_TIMEOUT):
-                await _send_all(self.stream, data, self.raw)
+                await send_all(self.stream, data, self.raw)
         except TimeoutError as exc:
             raise ClientGone("write timed out") from exc
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
@@ -253,7 +253,7 @@ class DoorServer:
             f"content-length: {len(body)}\r\nconnection: close\r\nretry-after: 1\r\n\r\n"
             .encode())
         with suppress(Exception), anyio.move_on_after(1.0):
-            await _send_all(stream, head + body, raw)
+            await send_all(stream, head + body, raw)
         with anyio.CancelScope(shield=True), suppress(Exception):
             await stream.aclose()
 
@@ -280,7 +280,7 @@ class DoorServer:
             while len(conn.h11.trailing_data[0]) > MAX_HEADER_BYTES + self.max_body():
                 conn.consumed = anyio.Event()
                 await conn.consumed.wait()
-            data = await _receive(conn.stream, conn.raw)
+            data = await receive(conn.stream, conn.raw)
             if not data:
                 conn.eof = True
                 with suppress(RuntimeError):
@@ -433,37 +433,3 @@ def _content_length(event: h11.Request) -> int | None:
     return None
 
 
-async def _receive(stream: anyio.abc.ByteStream, raw: socket.socket | None) -> bytes:
-    """Up to 64 KiB; b"" at end of stream or when the connection broke.
-
-    Over a Unix socket the raw socket is read directly, as the control server does (see
-    ``daemon.control.server._receive``): anyio's asyncio Unix stream can log an
-    InvalidStateError when a receive is cancelled at the wrong moment, and every request here
-    cancels its watcher.
-    """
-    try:
-        if raw is not None:
-            await anyio.lowlevel.checkpoint()
-            while True:
-                try:
-                    return raw.recv(_RECEIVE_SIZE)
-                except BlockingIOError:
-                    await anyio.wait_readable(raw)
-        return await stream.receive(_RECEIVE_SIZE)
-    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-        return b""
-
-
-async def _send_all(stream: anyio.abc.ByteStream, data: bytes, raw: socket.socket | None) -> None:
-    if raw is None:
-        await stream.send(data)
-        return
-    await anyio.lowlevel.checkpoint()
-    view = memoryview(data)
-    while view:
-        try:
-            sent = raw.send(view)
-        except BlockingIOError:
-            await anyio.wait_writable(raw)
-            continue
-        view = view[sent:]
