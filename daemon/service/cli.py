@@ -1,7 +1,8 @@
 """``modeld``: the daemon (``run``) and its offline helpers (check-config, config, plugins, demo).
 
-Exit codes: 0 ok; 2 usage; 73 state or socket cannot be used; 75 another instance is running;
-78 bad configuration (EX_CONFIG, which systemd is told not to restart on).
+Exit codes: 0 ok; 2 usage; 65 bad trace (simulate); 66 trace file cannot be read (simulate);
+73 state or socket cannot be used; 75 another instance is running; 78 bad configuration
+(EX_CONFIG, which systemd is told not to restart on).
 """
 
 from __future__ import annotations
@@ -45,7 +46,99 @@ def _parser() -> argparse.ArgumentParser:
                           "scenario (no root, nothing left behind)")
     demo.add_argument("--keep-running", action="store_true",
                       help="leave the daemon and the fakes up afterwards until Ctrl-C")
+    _add_simulate(sub)
     return parser
+
+
+EX_DATAERR = 65  # a trace that cannot be simulated
+EX_NOINPUT = 66  # a trace file that cannot be read
+
+SIMULATE_HELP = """\
+Run the daemon's real core (health, scoring, policy, registry) on a virtual clock against a
+trace of what your models did, with your configuration's probe schedule (interval, jitter,
+rechecks) and policy timer, and report what the daemon would have decided: every promotion,
+rollback, quarantine and failback with its time and reason, and per role the time on each
+primary, the number of primary changes and the time with no usable model.
+
+Test a policy this way before you set auto_execute = true: write a trace of an incident you
+had (or take one from examples/traces/), run it with --auto-execute, and read the timeline.
+
+A trace is JSON lines, one step each, holding from "at" (seconds) on:
+  {"at": 0, "model": "qwen2.5-14b", "ok": true, "latency_ms": 300}
+  {"at": 600, "model": "qwen2.5-14b", "ok": false, "reason": "connection refused"}
+  {"at": 612, "model": "qwen2.5-14b", "ok": "degraded", "latency_ms": 2500}
+  {"at": 900, "operator": "promote", "model": "llama3-8b", "force": false}
+  {"at": 950, "operator": "rollback", "role": "chat"}
+  {"at": 960, "operator": "offline", "enabled": true}
+  {"at": 970, "operator": "hold", "role": "chat", "for": "2h"}
+  {"at": 980, "operator": "release", "role": "chat"}
+  {"at": 7200, "end": true}
+A model with no step yet fails its probes; a latency at or above the probe timeout is a
+timeout. Blank lines and lines starting with # are comments.
+
+Exit status: 0 done; 2 usage; 65 bad trace (every problem named with its line); 66 trace
+file not readable; 78 bad configuration.
+"""
+
+
+def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sim = sub.add_parser(
+        "simulate", help="replay a trace through the real policy on a virtual clock and "
+        "report every decision (test a policy before auto_execute)",
+        description=SIMULATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sim.add_argument("--config", default=None, help="config file (default: $MODELD_CONFIG, "
+                     f"then {DEFAULT_CONFIG_PATH})")
+    sim.add_argument("--trace", required=True, help="the trace: JSON lines (see above)")
+    sim.add_argument("--json", action="store_true", help="print the report as JSON for scripts")
+    sim.add_argument("--seed", type=int, default=0,
+                     help="seed of the probe jitter (default 0); the same seed, the same run")
+    sim.add_argument("--auto-execute", action="store_true", default=None,
+                     help="act on suggestions as with auto_execute = true, whatever the "
+                     "config says (to see what turning it on would do)")
+    sim.add_argument("--decisions-only", action="store_true",
+                     help="leave the health changes out of the timeline")
+    sim.add_argument("--max-probes", type=int, default=None, metavar="N",
+                     help="refuse runs that take more probes than this (default 20,000,000)")
+
+
+def cmd_simulate(config_path: str, trace_path: str, *, as_json: bool, seed: int,
+                 auto_execute: bool | None, decisions_only: bool,
+                 max_probes: int | None) -> int:
+    """Check the trace whole (every problem, with its line), then simulate it."""
+    import json
+
+    from ..sim import TraceError, check_trace, read_trace, simulate
+    from ..sim.engine import MAX_PROBES
+    from ..sim.report import render_text
+    from ..sim.trace import open_trace
+
+    config = _load_or_report(config_path)
+    if config is None:
+        return EX_CONFIG
+    try:
+        open_trace(trace_path).close()
+    except TraceError as exc:
+        print(exc, file=sys.stderr)
+        return EX_NOINPUT
+    errors = check_trace(trace_path, config)
+    if errors:
+        for line in errors:
+            print(line, file=sys.stderr)
+        return EX_DATAERR
+    try:
+        report = simulate(config, read_trace(trace_path, config), seed=seed,
+                          auto_execute=auto_execute,
+                          max_probes=MAX_PROBES if max_probes is None else max_probes)
+    except TraceError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return EX_DATAERR
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        sys.stdout.write(render_text(report, config_path=config_path, trace_path=trace_path,
+                                     with_health=not decisions_only))
+    return 0
 
 
 def _load_or_report(path: str):  # type: ignore[no-untyped-def]
@@ -156,7 +249,7 @@ def _quiet_logging() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``modeld`` command."""
     args = _parser().parse_args(argv)
-    if args.command in ("check-config", "config", "plugins"):
+    if args.command in ("check-config", "config", "plugins", "simulate"):
         _quiet_logging()
     if args.version:
         from .. import __version__
@@ -171,6 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_config(args.path or _default_config())
     if args.command == "plugins":
         return cmd_plugins(args.config or _default_config())
+    if args.command == "simulate":
+        return cmd_simulate(args.config or _default_config(), args.trace, as_json=args.json,
+                            seed=args.seed, auto_execute=args.auto_execute,
+                            decisions_only=args.decisions_only, max_probes=args.max_probes)
     if args.command == "demo":
         from ..demo import main as demo_main
 
