@@ -84,6 +84,17 @@ class HealthChange:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class OperatorStep:
+    """An operator step of the trace and what became of it (shown in the timeline)."""
+
+    at: float
+    role: str | None
+    action: str
+    subject: str
+    outcome: str
+
+
 @dataclass(slots=True)
 class RoleBook:
     """The seconds a role spent on each primary and with nothing usable."""
@@ -152,6 +163,7 @@ class Report:
     decisions: tuple[Decision, ...]
     health_changes: tuple[HealthChange, ...]
     health_changes_dropped: int
+    operator_steps: tuple[OperatorStep, ...]
     roles: dict[str, RoleSummary]
     probes: int
     policy_ticks: int
@@ -188,6 +200,7 @@ class Simulation:
         self.decisions: list[Decision] = []
         self.health_changes: list[HealthChange] = []
         self.health_dropped = 0
+        self.operator_steps: list[OperatorStep] = []
         self.behaviour: dict[str, Behaviour] = {}
         self.next_due: dict[str, float] = {}
         self.groups = {key: _Group(ids)
@@ -220,13 +233,6 @@ class Simulation:
         self.decisions.append(Decision(
             at, event.kind.value, event.role or None, event.from_id or None,
             event.to_id or event.model_id or None, event.reason, event.actor))
-
-    def _refused(self, step: Operator, message: str) -> None:
-        role = step.role
-        if role is None and step.model is not None:
-            role = self.config.model(step.model).role  # type: ignore[union-attr]
-        self.decisions.append(Decision(self.now, "operator_refused", role, None, step.model,
-                                       f"{step.action} refused: {message}", "operator"))
 
     def _account(self, roles: Iterable[str] | None = None) -> None:
         """Bring the books up to date after something changed (in ``roles``, or anywhere)."""
@@ -281,6 +287,7 @@ class Simulation:
             duration=self._end.at, seed=self.seed, auto_execute=self.config.policy.auto_execute,
             decisions=tuple(self.decisions), health_changes=tuple(self.health_changes),
             health_changes_dropped=self.health_dropped,
+            operator_steps=tuple(self.operator_steps),
             roles={name: RoleSummary(dict(book.primary_seconds), book.changes,
                                      book.no_usable_seconds, book.primary)
                    for name, book in self.books.items()},
@@ -308,21 +315,35 @@ class Simulation:
     def _operate(self, step: Operator) -> None:
         registry = self.registry
         now = EPOCH + self.now
+        role = step.role
+        if role is None and step.model is not None:
+            role = registry.models[step.model].spec.role
+        before = len(self.decisions)
         try:
             if step.action == "promote":
                 assert step.model is not None
-                registry.promote_model(step.model, now=now, actor="operator",
-                                       reason=step.reason, force=step.force)
+                changed = bool(registry.promote_model(step.model, now=now, actor="operator",
+                                                      reason=step.reason, force=step.force))
             elif step.action == "rollback":
-                registry.rollback_model(step.role, now=now, actor="operator",
-                                        reason=step.reason)
+                changed = bool(registry.rollback_model(step.role, now=now, actor="operator",
+                                                       reason=step.reason))
             elif step.action == "offline":
-                registry.set_offline_mode(step.enabled, now=now, actor="operator",
-                                          reason=step.reason)
+                changed = registry.set_offline_mode(step.enabled, now=now, actor="operator",
+                                                    reason=step.reason)
             else:
-                self._refused(step, "holds are not supported by this core")
+                raise RegistryError("holds are not supported by this core")
         except RegistryError as exc:
-            self._refused(step, exc.message)
+            outcome = f"refused: {exc.message}"
+            # a refusal is what the daemon decided: the operator's attempt changed nothing
+            self.decisions.append(Decision(self.now, "operator_refused", role, None,
+                                           step.model, f"{step.action} refused: {exc.message}",
+                                           "operator"))
+        else:
+            outcome = "done" if changed or len(self.decisions) > before else \
+                "nothing to change"
+        subject = step.model or ("on" if step.enabled else "off" if step.action == "offline"
+                                 else role or "")
+        self.operator_steps.append(OperatorStep(self.now, role, step.action, subject, outcome))
         self._after_decisions()
 
     # ----------------------------------------------------------------- probes

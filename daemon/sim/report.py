@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..control.text import duration, table
-from .engine import Decision, HealthChange, Report
+from .engine import Decision, HealthChange, OperatorStep, Report
 
 _LABELS = {
     "model_promoted": "promoted",
@@ -56,10 +56,18 @@ def _health_row(change: HealthChange) -> list[str]:
             f"{change.old} → {change.new}{why}"]
 
 
+def _operator_row(step: OperatorStep) -> list[str]:
+    return [offset(step.at), step.role or "-", f"operator {step.action}", step.subject,
+            step.outcome]
+
+
 def timeline(report: Report, with_health: bool = True) -> str:
     """Decisions and (unless ``with_health`` is false) health changes, in time order."""
     rows: list[tuple[float, int, list[str]]] = []
-    rows += [(d.at, 1, _decision_row(d)) for d in report.decisions]
+    # a refused operator step is already on its operator row
+    rows += [(d.at, 2, _decision_row(d)) for d in report.decisions
+             if d.kind != "operator_refused"]
+    rows += [(o.at, 1, _operator_row(o)) for o in report.operator_steps]
     if with_health:
         rows += [(h.at, 0, _health_row(h)) for h in report.health_changes]
     rows.sort(key=lambda r: (r[0], r[1]))
