@@ -51,6 +51,7 @@ _NOT_DECISIONS = frozenset({
 _STEP, _RESULT, _TICK, _POLICY = 0, 1, 2, 3
 
 UNKNOWN_TO_TRACE = "the trace says nothing of this model yet"
+_UNKNOWN = (ProbeResult.failure(UNKNOWN_TO_TRACE), 0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +202,11 @@ class Simulation:
         self.health_changes: list[HealthChange] = []
         self.health_dropped = 0
         self.operator_steps: list[OperatorStep] = []
-        self.behaviour: dict[str, Behaviour] = {}
+        self.answers: dict[str, tuple[ProbeResult, float]] = {}  # model -> its current answer
+        self.intervals = {spec.id: schedule.probe_interval(spec, config.probe)
+                          for spec in config.models}
+        self.timeouts = {spec.id: schedule.probe_timeout(spec, config.probe)
+                         for spec in config.models}
         self.next_due: dict[str, float] = {}
         self.groups = {key: _Group(ids)
                        for key, ids in schedule.endpoint_groups(config.models).items()}
@@ -305,7 +310,7 @@ class Simulation:
 
     def _step(self, step: Behaviour | Operator) -> None:
         if isinstance(step, Behaviour):
-            self.behaviour[step.model] = step
+            self.answers[step.model] = self._answer(step, self.timeouts[step.model])
         else:
             self._operate(step)
         self._queue_next_step()
@@ -371,14 +376,13 @@ class Simulation:
 
     def _start_probe(self, group: _Group, model_id: str, tick: float, jitter: float) -> None:
         entry = self.registry.models[model_id]
-        spec = entry.spec
-        interval = schedule.probe_interval(spec, self.config.probe)
+        interval = self.intervals[model_id]
         if not self.registry.eligible(entry):
             self.registry.mark_not_probed(model_id, "not probed: offline")
             self.next_due[model_id] = schedule.next_due_not_probed(
                 tick=tick, interval=interval, jitter=jitter)
             return
-        result, seconds = self._answer(model_id, schedule.probe_timeout(spec, self.config.probe))
+        result, seconds = self.answers.get(model_id, _UNKNOWN)
         group.in_flight.add(model_id)
         self.probes += 1
         if self.probes > self.max_probes:
@@ -387,11 +391,9 @@ class Simulation:
         self._at(tick + seconds, _RESULT,
                  lambda: self._finish_probe(group, model_id, result, tick, jitter, interval))
 
-    def _answer(self, model_id: str, timeout: float) -> tuple[ProbeResult, float]:
-        """What a probe of the model answers now, and how long it takes (seconds)."""
-        step = self.behaviour.get(model_id)
-        if step is None:
-            return ProbeResult.failure(UNKNOWN_TO_TRACE), 0.0
+    def _answer(self, step: Behaviour, timeout: float) -> tuple[ProbeResult, float]:
+        """What every probe of a model answers while ``step`` holds, and how long it takes
+        (seconds). Computed once per step: results are immutable."""
         latency = step.latency_ms
         if latency is not None and latency / 1000.0 >= timeout:
             return ProbeResult.failure(f"timed out after {timeout:g}s"), timeout
@@ -412,7 +414,11 @@ class Simulation:
             recheck_interval=self.config.probe.recheck_interval)
         self.next_due[model_id] = due
         if due < group.wake_at:
-            self._wake(group, self.now)  # the daemon's loop is woken and looks again
+            # the daemon's loop is woken and looks again: it probes what is due by now (plus
+            # the slack), else sleeps until the earliest next due; the same, one event less
+            wake = schedule.group_wake_at(group.members, self.next_due, group.in_flight,
+                                          self.now)
+            self._wake(group, self.now if wake <= self.now + schedule.GROUP_SLACK else wake)
         if applied.event is not None:
             self._account((entry.spec.role,))
         self._after_decisions()
