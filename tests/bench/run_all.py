@@ -24,6 +24,7 @@ BENCHMARKS = {
     "footprint": "bench_footprint.py",
     "cli": "bench_cli.py",
     "gateway": "bench_gateway.py",
+    "simulate": "bench_simulate.py",
 }
 
 
