@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon.core import policy, schedule
+from daemon.core import schedule
 from daemon.core.health import HealthState
 from daemon.core.model import HealthStatus, ModelSpec
+from daemon.core.registry import ModelRegistry
 from daemon.core.settings import Config, PolicyConfig, ProbeConfig
 from daemon.service.cli import main
 from daemon.sim import TraceError, parse_trace, simulate
@@ -205,7 +206,7 @@ def test_without_auto_execute_the_policy_only_suggests() -> None:
 def test_the_simulator_decides_with_the_real_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     lines = (up("qwen"), up("llama"), down("qwen", 600))
     assert run(CONFIG, *lines, end=1200).roles["chat"].changes == 1
-    monkeypatch.setattr(policy, "suggest", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ModelRegistry, "auto_upgrade_execute", lambda *args, **kwargs: [])
     assert run(CONFIG, *lines, end=1200).roles["chat"].changes == 0
 
 
