@@ -335,8 +335,15 @@ class Simulation:
             elif step.action == "offline":
                 changed = registry.set_offline_mode(step.enabled, now=now, actor="operator",
                                                     reason=step.reason)
+            elif step.action == "hold":
+                assert step.role is not None  # the trace parser requires it
+                changed = registry.hold_role(step.role, now=now, actor="operator",
+                                             reason=step.reason,
+                                             seconds=step.duration) is not None
             else:
-                raise RegistryError("holds are not supported by this core")
+                assert step.role is not None
+                changed = registry.release_role(step.role, now=now, actor="operator",
+                                                reason=step.reason) is not None
         except RegistryError as exc:
             outcome = f"refused: {exc.message}"
             # a refusal is what the daemon decided: the operator's attempt changed nothing

@@ -64,9 +64,14 @@ def _operator_row(step: OperatorStep) -> list[str]:
 def timeline(report: Report, with_health: bool = True) -> str:
     """Decisions and (unless ``with_health`` is false) health changes, in time order."""
     rows: list[tuple[float, int, list[str]]] = []
-    # a refused operator step is already on its operator row
+    # a refused operator step is already on its operator row, and a suggestion acted on at
+    # once is the promotion's own line (--json keeps both)
+    acted = {(d.at, d.role, d.from_id, d.to_id) for d in report.decisions
+             if d.kind == "model_promoted"}
     rows += [(d.at, 2, _decision_row(d)) for d in report.decisions
-             if d.kind != "operator_refused"]
+             if d.kind != "operator_refused" and not (
+                 d.kind == "auto_upgrade_suggested"
+                 and (d.at, d.role, d.from_id, d.to_id) in acted)]
     rows += [(o.at, 1, _operator_row(o)) for o in report.operator_steps]
     if with_health:
         rows += [(h.at, 0, _health_row(h)) for h in report.health_changes]
