@@ -288,3 +288,15 @@ def test_help_explains_how_to_test_a_policy_before_auto_execute(
         main(["simulate", "--help"])
     out = capsys.readouterr().out
     assert "before you set auto_execute = true" in out and "--auto-execute" in out
+
+
+def test_a_trace_too_long_for_the_probe_budget_is_refused_before_it_runs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(up("qwen2.5-14b") + '\n{"at": 2592000, "end": true}\n')
+    config = str(TRACES / "modeld.toml")
+    code = main(["simulate", "--config", config, "--trace", str(trace), "--max-probes", "1000"])
+    assert code == 65
+    err = capsys.readouterr().err
+    assert "the trace lasts 2.592e+06 s: about 1,036,802 probes" in err
+    assert "--max-probes" in err

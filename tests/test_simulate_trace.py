@@ -200,3 +200,12 @@ def test_read_trace_yields_the_good_steps_before_the_bad_line(tmp_path: Path) ->
         for step in read_trace(path, CONFIG):
             seen.append(step)
     assert len(seen) == 3
+
+
+def test_a_trace_of_more_than_a_million_steps_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from daemon.sim import trace
+
+    monkeypatch.setattr(trace, "MAX_STEPS", 3)
+    lines = [f'{{"at": {i}, "model": "llama3-8b", "ok": true}}' for i in range(3)]
+    assert error_of("\n".join([*lines, END])) == "t.jsonl:4: more than 3 steps; split the trace"

@@ -107,10 +107,10 @@ def cmd_simulate(config_path: str, trace_path: str, *, as_json: bool, seed: int,
     """Check the trace whole (every problem, with its line), then simulate it."""
     import json
 
-    from ..sim import TraceError, check_trace, read_trace, simulate
-    from ..sim.engine import MAX_PROBES
+    from ..sim import TraceError, read_trace, simulate
+    from ..sim.engine import MAX_PROBES, estimated_probes
     from ..sim.report import render_text
-    from ..sim.trace import open_trace
+    from ..sim.trace import inspect_trace, open_trace
 
     config = _load_or_report(config_path)
     if config is None:
@@ -120,15 +120,20 @@ def cmd_simulate(config_path: str, trace_path: str, *, as_json: bool, seed: int,
     except TraceError as exc:
         print(exc, file=sys.stderr)
         return EX_NOINPUT
-    errors = check_trace(trace_path, config)
+    errors, end = inspect_trace(trace_path, config)
+    limit = MAX_PROBES if max_probes is None else max_probes
+    if not errors and end is not None and estimated_probes(config, end) > limit:
+        errors = [f"{trace_path}: the trace lasts {end:g} s: about "
+                  f"{estimated_probes(config, end):,.0f} probes at the configured intervals, "
+                  f"more than the {limit:,} simulated at most (shorten the trace, or raise "
+                  "--max-probes)"]
     if errors:
         for line in errors:
             print(line, file=sys.stderr)
         return EX_DATAERR
     try:
         report = simulate(config, read_trace(trace_path, config), seed=seed,
-                          auto_execute=auto_execute,
-                          max_probes=MAX_PROBES if max_probes is None else max_probes)
+                          auto_execute=auto_execute, max_probes=limit)
     except TraceError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)

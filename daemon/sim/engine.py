@@ -35,8 +35,9 @@ EPOCH = 1_000_000_000.0
 #: A run that would need more probes than this is refused before it starts.
 MAX_PROBES = 20_000_000
 
-#: Health changes kept for the timeline; decisions are always all kept.
-MAX_HEALTH_CHANGES = 100_000
+#: Health changes and operator steps kept for the timeline; decisions are always all kept
+#: (the trace's bounds bound them).
+MAX_TIMELINE = 100_000
 
 DECISION_KINDS = frozenset({
     EventKind.MODEL_PROMOTED, EventKind.MODEL_ROLLED_BACK, EventKind.MODEL_QUARANTINED,
@@ -185,6 +186,13 @@ class _Group:
     wake_version: int = 0
 
 
+def estimated_probes(config: Config, duration: float) -> float:
+    """About how many probes a run of ``duration`` seconds takes with every model answering
+    (rechecks after failures come on top)."""
+    return sum(duration / max(schedule.probe_interval(spec, config.probe), 1e-6) + 1
+               for spec in config.models)
+
+
 class Simulation:
     """One run: build with the configuration, then :meth:`run` with the trace's steps."""
 
@@ -225,7 +233,7 @@ class Simulation:
     def _heard(self, event: Event) -> None:
         at = self.now  # exact; event.at carries the epoch's rounding
         if event.kind is EventKind.HEALTH_CHANGED:
-            if len(self.health_changes) < MAX_HEALTH_CHANGES:
+            if len(self.health_changes) < MAX_TIMELINE:
                 self.health_changes.append(HealthChange(
                     at, event.model_id, event.role, str(event.data.get("old", "")),
                     str(event.data.get("new", "")), event.reason))
@@ -355,7 +363,9 @@ class Simulation:
                 "nothing to change"
         subject = step.model or ("on" if step.enabled else "off" if step.action == "offline"
                                  else role or "")
-        self.operator_steps.append(OperatorStep(self.now, role, step.action, subject, outcome))
+        if len(self.operator_steps) < MAX_TIMELINE:
+            self.operator_steps.append(OperatorStep(self.now, role, step.action, subject,
+                                                    outcome))
         self._after_decisions()
 
     # ----------------------------------------------------------------- probes

@@ -39,6 +39,8 @@ MAX_AT = 31 * 86400.0
 MAX_REASON_CHARS = 1000
 #: How many errors one check reports before it stops looking.
 MAX_ERRORS = 20
+#: Steps (lines that are not comments) one trace may hold: bounds what a run keeps.
+MAX_STEPS = 1_000_000
 
 OPERATOR_ACTIONS = ("promote", "rollback", "offline", "hold", "release")
 
@@ -153,6 +155,7 @@ class TraceParser:
         self.last_at = 0.0
         self.last_line = 0
         self.end_line = 0
+        self.end_at: float | None = None
         self.steps = 0
 
     def error(self, lineno: int, field: str, message: str) -> str:
@@ -186,6 +189,8 @@ class TraceParser:
             raise _LineError("", f"not a JSON object: {exc}") from None
         if not isinstance(data, dict):
             raise _LineError("", f"expected a JSON object, got {_type_name(data)}")
+        if self.steps >= MAX_STEPS:
+            raise _LineError("", f"more than {MAX_STEPS:,} steps; split the trace")
         at = self._at(data)
         if "end" in data:
             step: Step = self._end(data, at, lineno)
@@ -283,6 +288,7 @@ class TraceParser:
         if data["end"] is not True:
             raise _LineError("end", f"must be true, got {json.dumps(data['end'])[:40]}")
         self.end_line = lineno
+        self.end_at = at
         return End(at, lineno)
 
     def _behaviour(self, data: Mapping[str, Any], at: float, lineno: int) -> Behaviour:
@@ -380,11 +386,17 @@ def read_trace(path: str | Path, config: Config) -> Iterator[Step]:
 def check_trace(path: str | Path, config: Config, max_errors: int = MAX_ERRORS) -> list[str]:
     """Every problem of a trace file (up to ``max_errors``), one line each; [] when it is
     good. A bad line is skipped and the lines after it are checked against the last good one."""
+    return inspect_trace(path, config, max_errors)[0]
+
+
+def inspect_trace(path: str | Path, config: Config,
+                  max_errors: int = MAX_ERRORS) -> tuple[list[str], float | None]:
+    """:func:`check_trace`'s errors, and the time of the end step (None without one)."""
     errors: list[str] = []
     try:
         stream = open_trace(path)
     except TraceError as exc:
-        return exc.errors
+        return exc.errors, None
     with stream:
         parser = TraceParser(config, str(path))
         for lineno, raw in _lines(stream):
@@ -394,12 +406,12 @@ def check_trace(path: str | Path, config: Config, max_errors: int = MAX_ERRORS) 
                 errors += exc.errors
                 if len(errors) >= max_errors:
                     errors.append(f"{path}: stopped after {max_errors} errors")
-                    return errors
+                    return errors, parser.end_at
         try:
             parser.finish()
         except TraceError as exc:
             errors += exc.errors
-    return errors
+    return errors, parser.end_at
 
 
 def parse_trace(text: str, config: Config, source: str = "<trace>") -> list[Step]:
