@@ -75,8 +75,13 @@ def group_wake_at(model_ids: Iterable[str], next_due: Mapping[str, float],
                   in_flight: Collection[str], tick: float) -> float:
     """When a group's loop wakes next: the earliest due time of its models not in flight
     (a model never scheduled counts as due at ``tick``); infinity when all are in flight."""
-    return min((next_due.get(m, tick) for m in model_ids if m not in in_flight),
-               default=math.inf)
+    wake = math.inf
+    for model_id in model_ids:  # a loop, not min() of a generator: called once per probe
+        if model_id not in in_flight:
+            due = next_due.get(model_id, tick)
+            if due < wake:
+                wake = due
+    return wake
 
 
 def endpoint_groups(specs: Iterable[ModelSpec]) -> dict[str, list[str]]:

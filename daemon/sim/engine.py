@@ -224,7 +224,8 @@ class Simulation:
         self.probes = 0
         self.policy_ticks = 0
         self.now = 0.0
-        self._queue: list[tuple[float, int, int, Callable[[], None]]] = []
+        # (time, priority, sequence, what to call, its arguments): no closures, they cost
+        self._queue: list[tuple[float, int, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = 0
         self._decision_version = self.registry.decision_version
 
@@ -267,15 +268,17 @@ class Simulation:
 
     # ----------------------------------------------------------------- the loop
 
-    def _at(self, when: float, priority: int, action: Callable[[], None]) -> None:
+    def _at(self, when: float, priority: int, action: Callable[..., None],
+            *args: Any) -> None:
         self._seq += 1
-        heapq.heappush(self._queue, (when, priority, self._seq, action))
+        heapq.heappush(self._queue, (when, priority, self._seq, action, args))
 
     def run(self, steps: Iterable[Step]) -> Report:
         """Simulate the trace (steps in time order, the end step last); raises TraceError
         when the trace has no end or the run takes more than ``max_probes`` probes."""
         self._steps = iter(steps)
         self._end: End | None = None
+        self._end_at = math.inf
         self._account()
         for group in self.groups.values():
             self._wake(group, 0.0)
@@ -285,13 +288,13 @@ class Simulation:
         queue = self._queue
         # the trace's next step is always queued until the end is known, so the loop never
         # runs past a step it has not read yet
+        pop = heapq.heappop
         while queue:
-            when = queue[0][0]
-            if self._end is not None and when >= self._end.at:
+            if queue[0][0] >= self._end_at:
                 break
-            action = heapq.heappop(queue)[3]
+            when, _, _, action, args = pop(queue)
             self.now = when
-            action()
+            action(*args)
         assert self._end is not None
         self.now = self._end.at
         for book in self.books.values():
@@ -310,8 +313,9 @@ class Simulation:
         step = next(self._steps, None)
         if isinstance(step, End):
             self._end = step
+            self._end_at = step.at
         elif step is not None:
-            self._at(step.at, _STEP, lambda: self._step(step))
+            self._at(step.at, _STEP, self._step, step)
         else:
                 raise TraceError(['the trace has no end step: the last line must be '
                               '{"at": SECONDS, "end": true}'])
@@ -375,8 +379,7 @@ class Simulation:
             return
         group.wake_at = when
         group.wake_version += 1
-        version = group.wake_version
-        self._at(when, _TICK, lambda: self._tick(group, version))
+        self._at(when, _TICK, self._tick, group, group.wake_version)
 
     def _tick(self, group: _Group, version: int) -> None:
         if version != group.wake_version:
@@ -405,8 +408,8 @@ class Simulation:
         if self.probes > self.max_probes:
             raise TraceError([f"more than {self.max_probes:,} probes simulated (rechecks "
                               "included); shorten the trace, or raise --max-probes"])
-        self._at(tick + seconds, _RESULT,
-                 lambda: self._finish_probe(group, model_id, result, tick, jitter, interval))
+        self._at(tick + seconds, _RESULT, self._finish_probe, group, model_id, result, tick,
+                 jitter, interval)
 
     def _answer(self, step: Behaviour, timeout: float) -> tuple[ProbeResult, float]:
         """What every probe of a model answers while ``step`` holds, and how long it takes
