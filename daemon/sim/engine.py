@@ -10,7 +10,8 @@ control socket. The simulator only keeps the books: every decision, every health
 per role the seconds on each primary and with no usable model.
 
 Events at the same virtual instant run in this order: trace steps, probe results, probe
-ticks, the policy tick. The run ends at the trace's end step; events at that instant do not run.
+ticks, the policy tick. The run ends at the trace's end step: trace steps at its time (before
+it in the file) still run, probes and policy ticks at that instant do not.
 """
 
 from __future__ import annotations
