@@ -89,6 +89,8 @@ def timeline(report: Report, with_health: bool = True) -> str:
 def summary(report: Report) -> str:
     """Per role: seconds on each primary (and share), primary changes, seconds with no usable
     model, the final primary."""
+    if not report.roles:
+        return "  (no roles: the configuration declares no models)"
     rows: list[list[str]] = []
     total = report.duration
     for name, role in report.roles.items():
@@ -109,12 +111,17 @@ def summary(report: Report) -> str:
                   "final primary"], rows, indent="  ", wrap_last=False)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 def render_text(report: Report, *, config_path: str, trace_path: str,
                 with_health: bool = True) -> str:
     """The whole text report: a header, the timeline, the summary."""
     auto = "on" if report.auto_execute else "off (suggestions only)"
     head = (f"modeld simulate: {trace_path} with {config_path}\n"
-            f"{seconds_cell(report.duration)} simulated: {report.probes:,} probes, "
-            f"{report.policy_ticks:,} policy ticks, auto_execute {auto}, seed {report.seed}")
+            f"{seconds_cell(report.duration)} simulated: {_count(report.probes, 'probe')}, "
+            f"{_count(report.policy_ticks, 'policy tick')}, auto_execute {auto}, "
+            f"seed {report.seed}")
     return "\n".join([head, "", "Timeline (time from the start of the trace)",
                       timeline(report, with_health), "", "Summary", summary(report), ""])
