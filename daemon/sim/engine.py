@@ -33,17 +33,14 @@ from .trace import Behaviour, End, Operator, Step, TraceError
 #: treats a zero time as "never" can misfire, and exactly representable.
 EPOCH = 1_000_000_000.0
 
-#: A run that would need more probes than this is refused before it starts.
+#: A run that takes more probes than this (rechecks included) is refused: before it starts
+#: by the command (from the trace's length), else when it gets there.
 MAX_PROBES = 20_000_000
 
 #: Health changes and operator steps kept for the timeline; decisions are always all kept
 #: (the trace's bounds bound them).
 MAX_TIMELINE = 100_000
 
-DECISION_KINDS = frozenset({
-    EventKind.MODEL_PROMOTED, EventKind.MODEL_ROLLED_BACK, EventKind.MODEL_QUARANTINED,
-    EventKind.AUTO_UPGRADE_SUGGESTED, EventKind.OFFLINE_MODE_CHANGED,
-})
 _NOT_DECISIONS = frozenset({
     EventKind.HEALTH_CHANGED, EventKind.CONFIG_RELOADED, EventKind.CONFIG_RELOAD_FAILED,
     EventKind.MODEL_ADDED, EventKind.MODEL_REMOVED,
@@ -219,7 +216,6 @@ class Simulation:
         self.next_due: dict[str, float] = {}
         self.groups = {key: _Group(ids)
                        for key, ids in schedule.endpoint_groups(config.models).items()}
-        self.group_of = {m: g for g in self.groups.values() for m in g.members}
         self.books = {name: RoleBook(state.primary, 0.0)
                       for name, state in sorted(self.registry.roles.items())}
         self.probes = 0
