@@ -138,11 +138,18 @@ def cmd_simulate(config_path: str, trace_path: str, *, as_json: bool, seed: int,
         for line in exc.errors:
             print(line, file=sys.stderr)
         return EX_DATAERR
-    if as_json:
-        print(json.dumps(report.to_json(), indent=2))
-    else:
-        sys.stdout.write(render_text(report, config_path=config_path, trace_path=trace_path,
-                                     with_health=not decisions_only))
+    try:
+        if as_json:
+            print(json.dumps(report.to_json(), indent=2))
+        else:
+            sys.stdout.write(render_text(report, config_path=config_path,
+                                         trace_path=trace_path, with_health=not decisions_only))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `modeld simulate ... | head`: the reader left; that is not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     return 0
 
 
