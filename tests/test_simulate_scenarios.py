@@ -148,3 +148,24 @@ def test_the_readme_worked_examples_are_the_commands_real_output(
         assert main(["simulate", *arguments.split()]) == 0
         # if this fails, run the command from the repository's root and paste its output
         assert capsys.readouterr().out == shown, arguments
+
+
+def test_an_operators_hold_blocks_an_upgrade_until_it_ends() -> None:
+    config = load_config(TRACES / "better-model.toml")
+    trace = "\n".join([
+        '{"at": 0, "model": "qwen2.5-14b", "ok": true, "latency_ms": 300}',
+        '{"at": 0, "model": "llama3-8b", "ok": true, "latency_ms": 150}',
+        '{"at": 0, "model": "qwen2.5-32b", "ok": false, "reason": "connection refused"}',
+        '{"at": 60, "operator": "hold", "role": "chat", "for": "1h", "reason": "freeze"}',
+        '{"at": 1800, "model": "qwen2.5-32b", "ok": true, "latency_ms": 100}',
+        '{"at": 7200, "end": true}',
+    ])
+    report = simulate(config, parse_trace(trace, config))
+    kinds = [(d.at, d.kind, d.actor) for d in report.decisions
+             if d.kind != "auto_upgrade_suggested"]
+    (held_at, *_), (released_at, *_), (promoted_at, *_) = kinds
+    assert [k[1:] for k in kinds] == [("role_held", "operator"), ("role_released", "policy"),
+                                      ("model_promoted", "policy")]
+    assert (held_at, released_at) == (60.0, 3660.0)
+    # the lead only starts to count once the hold is over
+    assert released_at + config.policy.sustain <= promoted_at  # type: ignore[attr-defined]
