@@ -76,7 +76,7 @@ def test_a_better_model_appearing_is_promoted_once_its_lead_is_sustained() -> No
     report = scenario("better-model", config)
     assert [p[1:] for p in promotions(report)] == [(BETTER, "qwen2.5-32b")]
     (promoted_at, _, _), = promotions(report)
-    sustain = config.policy.sustain  # type: ignore[attr-defined]
+    sustain = config.policy.sustain
     assert 1800 + sustain <= promoted_at <= 1800 + sustain + 5 * 5.5 + 2 * 60
     assert report.roles["chat"].final_primary == "qwen2.5-32b"
 
@@ -168,4 +168,4 @@ def test_an_operators_hold_blocks_an_upgrade_until_it_ends() -> None:
                                       ("model_promoted", "policy")]
     assert (held_at, released_at) == (60.0, 3660.0)
     # the lead only starts to count once the hold is over
-    assert released_at + config.policy.sustain <= promoted_at  # type: ignore[attr-defined]
+    assert released_at + config.policy.sustain <= promoted_at
