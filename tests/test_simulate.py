@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from daemon.core import schedule
-from daemon.core.health import HealthState
+from daemon.core.health import HealthState, Sample
 from daemon.core.model import HealthStatus, ModelSpec
 from daemon.core.registry import ModelRegistry
 from daemon.core.settings import Config, PolicyConfig, ProbeConfig
@@ -62,6 +62,22 @@ def test_models_due_within_the_slack_share_a_tick_and_in_flight_ones_wait() -> N
     next_due = {"a": 10.0, "b": 10.04, "c": 10.2}
     assert schedule.due_models(["a", "b", "c", "d"], next_due, set(), 10.0) == ["a", "b", "d"]
     assert schedule.due_models(["a", "b"], next_due, {"a"}, 10.0) == ["b"]
+
+
+def test_a_probe_is_overdue_at_four_times_the_usual_latency_and_never_when_unavailable() -> None:
+    probe = ProbeConfig(recheck_interval=0.5)
+    measured = HealthState(status=HealthStatus.HEALTHY,
+                           window=(Sample(True, 300.0), Sample(True, 200.0)))
+    assert schedule.overdue_after(QWEN, measured, probe) == pytest.approx(1.2)
+    assert schedule.overdue_after(QWEN, HealthState(), probe) == pytest.approx(1.2)  # prior
+    assert schedule.overdue_after(replace(QWEN, latency_estimate=10), HealthState(),
+                                  probe) == 0.5  # recheck_interval at least
+    down = HealthState(status=HealthStatus.UNAVAILABLE)
+    assert schedule.overdue_after(QWEN, down, probe) is None
+    assert schedule.overdue_at([10.0, 11.2], 1.2, 3, HealthStatus.DEGRADED) == pytest.approx(12.4)
+    assert schedule.overdue_at([10.0, 11.2, 12.4], 1.2, 3, HealthStatus.DEGRADED) == math.inf
+    assert schedule.overdue_at([10.0], 1.2, 3, HealthStatus.UNAVAILABLE) == math.inf
+    assert schedule.group_wake_at(["a", "b"], {"b": 20.0}, {"a"}, 0.0, {"a": 12.4}) == 12.4
 
 
 def test_an_open_verdict_is_rechecked_after_the_result_else_one_jittered_interval_on() -> None:
@@ -123,10 +139,15 @@ def test_a_dead_server_is_unavailable_threshold_rechecks_after_its_first_failed_
     assert unavailable_at - degraded_at == pytest.approx(2 * 0.5)
 
 
-def test_a_hung_server_fails_its_probes_at_the_timeout() -> None:
+def test_a_hung_server_is_unavailable_timeout_plus_two_overdue_rechecks_after_its_probe() -> None:
     report = run(CONFIG, up("qwen"), up("llama"), up("qwen", 100, latency=60_000), end=200)
     (_, _), (degraded_at, _), (unavailable_at, _) = changes_of(report, "qwen")
-    assert unavailable_at - degraded_at == pytest.approx(2 * (3.0 + 0.5))
+    # the first hung probe fails at the timeout (3 s); the rechecks started beside it once it
+    # was overdue (4 × its usual 300 ms = 1.2 s, then 1.2 s after that) fail 1.2 s apart
+    assert unavailable_at - degraded_at == pytest.approx(2 * 1.2)
+    first_probe = degraded_at - 3.0
+    assert 100 <= first_probe <= 100 + 5.5
+    assert unavailable_at - first_probe == pytest.approx(3.0 + 2 * 1.2)
     reasons = {h.reason for h in report.health_changes if h.model == "qwen"}
     assert "timed out after 3s" in reasons
 

@@ -11,23 +11,32 @@ set of rules (DESIGN.md §3, §7):
   again ``recheck_interval`` after the result came in; otherwise one jittered interval after
   the tick it was probed on (so a slow probe does not push the schedule back).
 - A model not probed (offline mode, remote) keeps its place: due one jittered interval on.
+- A probe still unanswered after :func:`overdue_after` (``HANG_FACTOR`` times the model's
+  usual latency, ``recheck_interval`` at least) does not hold the next recheck back: another
+  probe of the model starts beside it, up to ``failure_threshold`` in flight, so a server that
+  accepts and never answers is unavailable about ``timeout + (failure_threshold − 1) ×
+  overdue`` after its first probe. Not for a model already unavailable: its rechecks wait.
 - The policy timer sleeps ``policy.interval`` between ticks: ticks at interval, 2 × interval, …
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from .health import HealthState, needs_recheck
-from .model import ModelSpec
-from .settings import ProbeConfig
+from .model import HealthStatus, ModelSpec
+from .settings import HealthConfig, ProbeConfig
 
 #: ± share of the interval each tick's jitter may move the next probe (10 %).
 JITTER = 0.1
 
 #: Seconds: models of one endpoint due this close together share a tick.
 GROUP_SLACK = 0.05
+
+#: A probe is overdue once unanswered for this many times the model's usual latency (and
+#: for recheck_interval at least): "far below" in DESIGN.md §3.
+HANG_FACTOR = 4.0
 
 
 def probe_interval(spec: ModelSpec, probe: ProbeConfig) -> float:
@@ -71,16 +80,49 @@ def next_due_not_probed(*, tick: float, interval: float, jitter: float) -> float
     return tick + interval * jitter
 
 
+def overdue_after(spec: ModelSpec, health: HealthState, probe: ProbeConfig) -> float | None:
+    """Seconds after which a probe of the model still unanswered counts as hanging, so that
+    the next recheck starts beside it; None when none should (the model is unavailable
+    already: its rechecks wait for answers). Taken when a sweep launches the model's probe."""
+    if health.status is HealthStatus.UNAVAILABLE:
+        return None
+    usual_ms = health.p95
+    if usual_ms is None:
+        usual_ms = spec.latency_estimate
+    return max(probe.recheck_interval, HANG_FACTOR * usual_ms / 1000.0)
+
+
+def max_in_flight(health: HealthConfig) -> int:
+    """Probes of one model that may be in flight at once (the hung-server rechecks)."""
+    return max(1, health.failure_threshold)
+
+
+def overdue_at(starts: Sequence[float], hang_after: float | None, most: int,
+               status: HealthStatus) -> float:
+    """When the newest of a model's probes in flight (started at ``starts``) turns overdue,
+    so another starts beside it; infinity when none may (``most`` in flight already, no
+    allowance, or the model unavailable now)."""
+    if len(starts) >= most or hang_after is None or status is HealthStatus.UNAVAILABLE:
+        return math.inf
+    return starts[-1] + hang_after
+
+
 def group_wake_at(model_ids: Iterable[str], next_due: Mapping[str, float],
-                  in_flight: Collection[str], tick: float) -> float:
-    """When a group's loop wakes next: the earliest due time of its models not in flight
-    (a model never scheduled counts as due at ``tick``); infinity when all are in flight."""
+                  in_flight: Collection[str], tick: float,
+                  overdue: Mapping[str, float] | None = None) -> float:
+    """When a group's loop wakes next: the earliest due time of its models not in flight (a
+    model never scheduled counts as due at ``tick``) and, given ``overdue`` (in-flight model →
+    :func:`overdue_at`), the earliest a probe in flight turns overdue; infinity if never."""
     wake = math.inf
     for model_id in model_ids:  # a loop, not min() of a generator: called once per probe
         if model_id not in in_flight:
             due = next_due.get(model_id, tick)
-            if due < wake:
-                wake = due
+        elif overdue is not None:
+            due = overdue.get(model_id, math.inf)
+        else:
+            continue
+        if due < wake:
+            wake = due
     return wake
 
 

@@ -179,7 +179,8 @@ class _Group:
     """The models behind one endpoint, probed on shared ticks."""
 
     members: list[str]
-    in_flight: set[str] = field(default_factory=set)
+    in_flight: dict[str, list[float]] = field(default_factory=dict)  # model → probe starts
+    hang_after: dict[str, float] = field(default_factory=dict)  # in flight, with allowance
     wake_at: float = math.inf
     wake_version: int = 0
 
@@ -214,6 +215,8 @@ class Simulation:
         self.timeouts = {spec.id: schedule.probe_timeout(spec, config.probe)
                          for spec in config.models}
         self.next_due: dict[str, float] = {}
+        self.most_in_flight = schedule.max_in_flight(config.health)
+        self._never_overdue = config.probe.recheck_interval - schedule.GROUP_SLACK
         self.groups = {key: _Group(ids)
                        for key, ids in schedule.endpoint_groups(config.models).items()}
         self.books = {name: RoleBook(state.primary, 0.0)
@@ -378,29 +381,67 @@ class Simulation:
         group.wake_version += 1
         self._at(when, _TICK, self._tick, group, group.wake_version)
 
+    def _overdue(self, group: _Group) -> dict[str, float] | None:
+        """When each probe in flight of the group that has an allowance turns overdue (see
+        schedule.overdue_at); None when none has one, the common case."""
+        if not group.hang_after:
+            return None
+        models = self.registry.models
+        return {m: schedule.overdue_at(group.in_flight[m], after, self.most_in_flight,
+                                       models[m].health.status)
+                for m, after in group.hang_after.items()}
+
+    def _next_wake(self, group: _Group, now: float) -> float:
+        return schedule.group_wake_at(group.members, self.next_due, group.in_flight, now,
+                                      self._overdue(group))
+
     def _tick(self, group: _Group, version: int) -> None:
         if version != group.wake_version:
             return  # superseded by an earlier wake
         group.wake_at = math.inf
         tick = self.now
         due = schedule.due_models(group.members, self.next_due, group.in_flight, tick)
-        if due:
+        overdue: list[str] = []
+        if group.hang_after:
+            horizon = tick + schedule.GROUP_SLACK
+            overdue = [m for m, at in (self._overdue(group) or {}).items() if at <= horizon]
+        if due or overdue:
             jitter = schedule.jitter_factor(self.rng.random())
             for model_id in due:
+                after = self._hang_after(model_id)
+                if after is not None:
+                    group.hang_after[model_id] = after
                 self._start_probe(group, model_id, tick, jitter)
-        self._wake(group, schedule.group_wake_at(group.members, self.next_due,
-                                                 group.in_flight, tick))
+            for model_id in overdue:
+                self._start_probe(group, model_id, tick, jitter)
+        self._wake(group, self._next_wake(group, tick))
+
+    def _hang_after(self, model_id: str) -> float | None:
+        """schedule.overdue_after for a probe launched now, or None when its answer comes
+        before it could be overdue. The daemon computes the allowance for every probe, but
+        for one answered in time it only wakes the loop once for nothing; leaving it out
+        saves sorting the window on every probe and a wake-up per sweep."""
+        seconds = self.answers.get(model_id, _UNKNOWN)[1]
+        if seconds < self._never_overdue:  # the allowance is recheck_interval at least
+            return None
+        entry = self.registry.models[model_id]
+        after = schedule.overdue_after(entry.spec, entry.health, self.config.probe)
+        if after is None or seconds < after - schedule.GROUP_SLACK:
+            return None
+        return after
 
     def _start_probe(self, group: _Group, model_id: str, tick: float, jitter: float) -> None:
         entry = self.registry.models[model_id]
         interval = self.intervals[model_id]
         if not self.registry.eligible(entry):
             self.registry.mark_not_probed(model_id, "not probed: offline")
+            if model_id not in group.in_flight:
+                group.hang_after.pop(model_id, None)
             self.next_due[model_id] = schedule.next_due_not_probed(
                 tick=tick, interval=interval, jitter=jitter)
             return
         result, seconds = self.answers.get(model_id, _UNKNOWN)
-        group.in_flight.add(model_id)
+        group.in_flight.setdefault(model_id, []).append(tick)
         self.probes += 1
         if self.probes > self.max_probes:
             raise TraceError([f"more than {self.max_probes:,} probes simulated (rechecks "
@@ -424,17 +465,22 @@ class Simulation:
     def _finish_probe(self, group: _Group, model_id: str, result: ProbeResult, tick: float,
                       jitter: float, interval: float) -> None:
         applied = self.registry.apply_probe(model_id, result, EPOCH + self.now)
-        group.in_flight.discard(model_id)
+        starts = group.in_flight.get(model_id, [])
+        if tick in starts:
+            starts.remove(tick)
+        if not starts:
+            group.in_flight.pop(model_id, None)
+            group.hang_after.pop(model_id, None)
         entry = self.registry.models[model_id]
         due = schedule.next_due_after_probe(
             entry.health, tick=tick, finished_at=self.now, interval=interval, jitter=jitter,
             recheck_interval=self.config.probe.recheck_interval)
         self.next_due[model_id] = due
-        if due < group.wake_at:
-            # the daemon's loop is woken and looks again: it probes what is due by now (plus
-            # the slack), else sleeps until the earliest next due; the same, one event less
-            wake = schedule.group_wake_at(group.members, self.next_due, group.in_flight,
-                                          self.now)
+        if starts or due < group.wake_at:
+            # the daemon's loop is woken and looks again: it probes what is due (or overdue)
+            # by now plus the slack, else sleeps until the earliest of those; the same, one
+            # event less
+            wake = self._next_wake(group, self.now)
             self._wake(group, self.now if wake <= self.now + schedule.GROUP_SLACK else wake)
         if applied.event is not None:
             self._account((entry.spec.role,))
