@@ -321,3 +321,14 @@ def test_a_trace_too_long_for_the_probe_budget_is_refused_before_it_runs(
     err = capsys.readouterr().err
     assert "the trace lasts 2.592e+06 s: about 1,036,802 probes" in err
     assert "--max-probes" in err
+
+
+def test_the_timeline_shows_a_suggestion_only_when_nobody_acted_on_it() -> None:
+    lines = (up("qwen"), up("llama"), down("qwen", 600))
+    acting = run(CONFIG, *lines, end=1200)
+    text = render_text(acting, config_path="c", trace_path="t", with_health=False)
+    assert " promoted " in text and " suggested " not in text and " health " not in text
+    assert {d.kind for d in acting.decisions} >= {"auto_upgrade_suggested", "model_promoted"}
+    quiet = run(replace(CONFIG, policy=PolicyConfig(auto_execute=False)), *lines, end=1200)
+    text = render_text(quiet, config_path="c", trace_path="t")
+    assert " suggested " in text and " promoted " not in text and " health " in text
