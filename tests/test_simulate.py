@@ -332,3 +332,13 @@ def test_the_timeline_shows_a_suggestion_only_when_nobody_acted_on_it() -> None:
     quiet = run(replace(CONFIG, policy=PolicyConfig(auto_execute=False)), *lines, end=1200)
     text = render_text(quiet, config_path="c", trace_path="t")
     assert " suggested " in text and " promoted " not in text and " health " in text
+
+
+def test_a_reason_is_cut_as_the_prober_cuts_every_result() -> None:
+    from daemon.probing.limits import MAX_REASON_CHARS
+
+    report = run(CONFIG, up("qwen"), up("llama"),
+                 json.dumps({"at": 10, "model": "qwen", "ok": False, "reason": "x" * 900}),
+                 end=30)
+    (degraded,) = [h for h in report.health_changes if h.new == "degraded"]
+    assert len(degraded.reason) == MAX_REASON_CHARS

@@ -27,6 +27,7 @@ from ..core import schedule
 from ..core.model import Event, EventKind, ProbeResult, ProbeStatus
 from ..core.registry import ModelRegistry, NoUsableModel, RegistryError
 from ..core.settings import Config
+from ..probing.limits import bounded_result
 from .trace import Behaviour, End, Operator, Step, TraceError
 
 #: Virtual time 0 of a trace, as the registry's unix time: far from 0, so no rule that
@@ -451,16 +452,19 @@ class Simulation:
 
     def _answer(self, step: Behaviour, timeout: float) -> tuple[ProbeResult, float]:
         """What every probe of a model answers while ``step`` holds, and how long it takes
-        (seconds). Computed once per step: results are immutable."""
+        (seconds), bounded as the prober bounds every result. Computed once per step:
+        results are immutable."""
         latency = step.latency_ms
         if latency is not None and latency / 1000.0 >= timeout:
             return ProbeResult.failure(f"timed out after {timeout:g}s"), timeout
         seconds = 0.0 if latency is None else latency / 1000.0
         if step.status is ProbeStatus.OK:
-            return ProbeResult.healthy(latency, step.reason), seconds
-        if step.status is ProbeStatus.DEGRADED:
-            return ProbeResult.degraded(step.reason or "degraded", latency), seconds
-        return ProbeResult.failure(step.reason or "probe failed", latency), seconds
+            result = ProbeResult.healthy(latency, step.reason)
+        elif step.status is ProbeStatus.DEGRADED:
+            result = ProbeResult.degraded(step.reason or "degraded", latency)
+        else:
+            result = ProbeResult.failure(step.reason or "probe failed", latency)
+        return bounded_result(result), seconds
 
     def _finish_probe(self, group: _Group, model_id: str, result: ProbeResult, tick: float,
                       jitter: float, interval: float) -> None:
