@@ -77,6 +77,11 @@ def test_a_probe_is_overdue_at_four_times_the_usual_latency_and_never_when_unava
     assert schedule.overdue_at([10.0, 11.2], 1.2, 3, HealthStatus.DEGRADED) == pytest.approx(12.4)
     assert schedule.overdue_at([10.0, 11.2, 12.4], 1.2, 3, HealthStatus.DEGRADED) == math.inf
     assert schedule.overdue_at([10.0], 1.2, 3, HealthStatus.UNAVAILABLE) == math.inf
+    # the endpoint answered another probe after this model's went unanswered: not hung
+    assert schedule.overdue_at([10.0], 1.2, 3, HealthStatus.DEGRADED, unanswered_since=10.0,
+                               answered_at=10.3) == math.inf
+    assert schedule.overdue_at([10.0], 1.2, 3, HealthStatus.DEGRADED, unanswered_since=10.0,
+                               answered_at=9.9) == pytest.approx(11.2)
     assert schedule.group_wake_at(["a", "b"], {"b": 20.0}, {"a"}, 0.0, {"a": 12.4}) == 12.4
 
 
@@ -150,6 +155,15 @@ def test_a_hung_server_is_unavailable_timeout_plus_two_overdue_rechecks_after_it
     assert unavailable_at - first_probe == pytest.approx(3.0 + 2 * 1.2)
     reasons = {h.reason for h in report.health_changes if h.model == "qwen"}
     assert "timed out after 3s" in reasons
+
+
+def test_no_early_recheck_while_the_endpoint_answers_other_probes() -> None:
+    # llama behind the same endpoint keeps answering: qwen's hang is no hung server, so its
+    # rechecks wait for its answers (timeout + recheck_interval apart)
+    config = replace(CONFIG, models=(QWEN, replace(LLAMA, endpoint="http://a")))
+    report = run(config, up("qwen"), up("llama"), up("qwen", 100, latency=60_000), end=200)
+    (_, _), (degraded_at, _), (unavailable_at, _) = changes_of(report, "qwen")
+    assert unavailable_at - degraded_at == pytest.approx(2 * (3.0 + 0.5))
 
 
 def test_a_model_the_trace_has_not_mentioned_fails_its_probes() -> None:

@@ -15,7 +15,9 @@ set of rules (DESIGN.md §3, §7):
   usual latency, ``recheck_interval`` at least) does not hold the next recheck back: another
   probe of the model starts beside it, up to ``failure_threshold`` in flight, so a server that
   accepts and never answers is unavailable about ``timeout + (failure_threshold − 1) ×
-  overdue`` after its first probe. Not for a model already unavailable: its rechecks wait.
+  overdue`` after its first probe. Not for a model already unavailable (its rechecks wait),
+  nor when the endpoint has answered another probe since the model's went unanswered (a busy
+  loop or one stuck generation is no hung server).
 - The policy timer sleeps ``policy.interval`` between ticks: ticks at interval, 2 × interval, …
 """
 
@@ -98,11 +100,15 @@ def max_in_flight(health: HealthConfig) -> int:
 
 
 def overdue_at(starts: Sequence[float], hang_after: float | None, most: int,
-               status: HealthStatus) -> float:
+               status: HealthStatus, *, unanswered_since: float = math.inf,
+               answered_at: float = -math.inf) -> float:
     """When the newest of a model's probes in flight (started at ``starts``) turns overdue,
-    so another starts beside it; infinity when none may (``most`` in flight already, no
-    allowance, or the model unavailable now)."""
-    if len(starts) >= most or hang_after is None or status is HealthStatus.UNAVAILABLE:
+    so another starts beside it; infinity when none may: ``most`` in flight already, no
+    allowance, the model unavailable now, or the endpoint answered a probe (``answered_at``)
+    after the model's probes began to go unanswered (``unanswered_since``: the tick of its
+    oldest probe since its last success)."""
+    if (len(starts) >= most or hang_after is None or answered_at > unanswered_since
+            or status is HealthStatus.UNAVAILABLE):
         return math.inf
     return starts[-1] + hang_after
 

@@ -182,6 +182,9 @@ class _Group:
     members: list[str]
     in_flight: dict[str, list[float]] = field(default_factory=dict)  # model → probe starts
     hang_after: dict[str, float] = field(default_factory=dict)  # in flight, with allowance
+    answered_at: float = -math.inf  # when a probe of this endpoint last succeeded
+    # model → the tick of its oldest probe since its last success
+    unanswered_since: dict[str, float] = field(default_factory=dict)
     wake_at: float = math.inf
     wake_version: int = 0
 
@@ -388,8 +391,11 @@ class Simulation:
         if not group.hang_after:
             return None
         models = self.registry.models
+        since = group.unanswered_since
         return {m: schedule.overdue_at(group.in_flight[m], after, self.most_in_flight,
-                                       models[m].health.status)
+                                       models[m].health.status,
+                                       unanswered_since=since.get(m, math.inf),
+                                       answered_at=group.answered_at)
                 for m, after in group.hang_after.items()}
 
     def _next_wake(self, group: _Group, now: float) -> float:
@@ -412,6 +418,7 @@ class Simulation:
                 after = self._hang_after(model_id)
                 if after is not None:
                     group.hang_after[model_id] = after
+                group.unanswered_since.setdefault(model_id, tick)
                 self._start_probe(group, model_id, tick, jitter)
             for model_id in overdue:
                 self._start_probe(group, model_id, tick, jitter)
@@ -469,6 +476,9 @@ class Simulation:
     def _finish_probe(self, group: _Group, model_id: str, result: ProbeResult, tick: float,
                       jitter: float, interval: float) -> None:
         applied = self.registry.apply_probe(model_id, result, EPOCH + self.now)
+        if result.ok:
+            group.answered_at = self.now
+            group.unanswered_since.pop(model_id, None)
         starts = group.in_flight.get(model_id, [])
         if tick in starts:
             starts.remove(tick)
