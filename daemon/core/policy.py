@@ -170,7 +170,7 @@ def decide(
     if config.failback and preferred is not None and preferred != primary.id:
         if preferred in by_id:
             best = by_id[preferred]
-            reason = (f"failback: the preferred primary {preferred} is healthy again "
+            reason = (f"the preferred primary {preferred} is healthy again "
                       f"({best.consecutive_successes} successes in a row); {primary.id} stood "
                       "in for it")
             return Decision(role, Suggestion(role, primary.id, preferred, reason, primary.score,
