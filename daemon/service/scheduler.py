@@ -19,18 +19,14 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from ..core import schedule
 from ..core.health import needs_recheck
-from ..core.model import HealthStatus, ModelSpec, ProbeResult
+from ..core.model import ModelSpec, ProbeResult
 from ..probing.limits import bounded_result
 from ..probing.plugins import notify_observers
 
 if TYPE_CHECKING:
     from .lifecycle import Daemon
-
-GROUP_SLACK = 0.05  # seconds: models of one endpoint due this close together share a tick
-#: A probe is overdue once unanswered for this many times the model's usual latency (and
-#: for recheck_interval at least): "far below" in DESIGN.md §3.
-HANG_FACTOR = 4.0
 
 
 class ProbeScheduler:
@@ -105,12 +101,9 @@ class ProbeScheduler:
         that the next recheck starts beside it; None when no recheck should start (the model
         is unavailable already: its rechecks wait for answers)."""
         entry = self.daemon.registry.models.get(model_id)
-        if entry is None or entry.health.status is HealthStatus.UNAVAILABLE:
+        if entry is None:
             return None
-        usual_ms = entry.health.p95
-        if usual_ms is None:
-            usual_ms = entry.spec.latency_estimate
-        return max(self.daemon.config.probe.recheck_interval, HANG_FACTOR * usual_ms / 1000.0)
+        return schedule.overdue_after(entry.spec, entry.health, self.daemon.config.probe)
 
     async def _probe(self, model_id: str, tick: float, jitter: float,
                      fresh_after: float | None = None) -> ProbeResult | None:
@@ -119,10 +112,11 @@ class ProbeScheduler:
         if entry is None:
             return None
         spec = entry.spec
-        interval = spec.interval or daemon.config.probe.interval
+        interval = schedule.probe_interval(spec, daemon.config.probe)
         if not daemon.registry.eligible(entry):
             daemon.registry.mark_not_probed(model_id, "not probed: offline")
-            self.next_due[model_id] = tick + interval * jitter
+            self.next_due[model_id] = schedule.next_due_not_probed(
+                tick=tick, interval=interval, jitter=jitter)
             return None
         assert daemon.prober is not None
         # no limiter here: the prober bounds upstream requests (max_concurrent), and a probe
@@ -133,10 +127,9 @@ class ProbeScheduler:
         entry = daemon.registry.models.get(model_id)
         if entry is None:
             return result
-        if needs_recheck(entry.health):
-            self.next_due[model_id] = time.monotonic() + daemon.config.probe.recheck_interval
-        else:
-            self.next_due[model_id] = tick + interval * jitter
+        self.next_due[model_id] = schedule.next_due_after_probe(
+            entry.health, tick=tick, finished_at=time.monotonic(), interval=interval,
+            jitter=jitter, recheck_interval=daemon.config.probe.recheck_interval)
         if changed_decisions != self._persisted_decisions:
             # a probe triggered a decision (probation rollback): make it durable now
             self._persisted_decisions = daemon.registry.decision_version
@@ -155,7 +148,7 @@ class ProbeScheduler:
         in_flight: dict[str, list[float]] = {}  # model id → start times of its probes
         wake = anyio.Event()
         waiting_until = math.inf
-        most = max(1, self.daemon.config.health.failure_threshold)
+        most = schedule.max_in_flight(self.daemon.config.health)
 
         answered_at = -math.inf  # when a probe of this endpoint last succeeded
         # model id → when its probes began to go unanswered (its oldest probe since its last
@@ -190,25 +183,23 @@ class ProbeScheduler:
             when the endpoint answered another probe since this model's went unanswered: a
             probe slow because the loop is busy with a thousand models, or one model's stuck
             generation, is no hung server."""
-            starts = in_flight[model_id]
-            after = hang_after.get(model_id)
             entry = registry.models.get(model_id)
-            if (len(starts) >= most or after is None or entry is None
-                    or answered_at > unanswered_since.get(model_id, math.inf)
-                    or entry.health.status is HealthStatus.UNAVAILABLE):
+            if entry is None:
                 return math.inf
-            return starts[-1] + after
+            return schedule.overdue_at(
+                in_flight[model_id], hang_after.get(model_id), most, entry.health.status,
+                unanswered_since=unanswered_since.get(model_id, math.inf),
+                answered_at=answered_at)
 
         async with anyio.create_task_group() as tg:
             while True:
                 wake = self._wakers[key] = anyio.Event()
                 tick = time.monotonic()
-                horizon = tick + GROUP_SLACK
-                due = [m for m in model_ids if m not in in_flight
-                       and self.next_due.get(m, 0.0) <= horizon]
+                horizon = tick + schedule.GROUP_SLACK
+                due = schedule.due_models(model_ids, self.next_due, in_flight, tick)
                 overdue = [m for m in model_ids if m in in_flight and overdue_at(m) <= horizon]
                 if due or overdue:
-                    jitter = random.uniform(0.9, 1.1)
+                    jitter = schedule.jitter_factor(random.random())
                     fresh_after = anyio.current_time()  # share no request begun before now
                     for model_id in due:
                         in_flight[model_id] = [tick]
@@ -218,17 +209,11 @@ class ProbeScheduler:
                     for model_id in overdue:
                         in_flight[model_id].append(tick)
                         tg.start_soon(probe, model_id, tick, jitter, fresh_after)
-                waiting_until = min(
-                    (overdue_at(m) if m in in_flight else self.next_due.get(m, tick)
-                     for m in model_ids), default=math.inf)
+                waiting_until = schedule.group_wake_at(
+                    model_ids, self.next_due, in_flight, tick,
+                    {m: overdue_at(m) for m in in_flight})
                 with anyio.move_on_after(max(waiting_until - time.monotonic(), 0.0)):
                     await wake.wait()
-
-    def _groups(self) -> dict[str, list[str]]:
-        groups: dict[str, list[str]] = {}
-        for model_id, entry in self.daemon.registry.models.items():
-            groups.setdefault(entry.spec.endpoint_key, []).append(model_id)
-        return groups
 
     async def run(self) -> None:
         """Run one loop per endpoint; start over with the new groups after a reload."""
@@ -236,7 +221,9 @@ class ProbeScheduler:
             self.reschedule = anyio.Event()
             async with anyio.create_task_group() as tg:
                 self._wakers.clear()
-                for key, model_ids in self._groups().items():
+                groups = schedule.endpoint_groups(
+                    entry.spec for entry in self.daemon.registry.models.values())
+                for key, model_ids in groups.items():
                     tg.start_soon(self._group_loop, key, model_ids)
                 await self.reschedule.wait()
                 tg.cancel_scope.cancel()
