@@ -15,8 +15,10 @@ import pytest
 from scheduler_support import in_process_daemon, scheduling
 
 from daemon.config import parse_config
+from daemon.core import schedule
 from daemon.core.model import HealthStatus, ProbeResult
 from daemon.service.lifecycle import Daemon
+from daemon.sim.engine import Simulation
 from daemon.testing.fakes import HANG, FakeOpenAI, FakeResponse
 
 
@@ -164,3 +166,76 @@ async def test_no_early_recheck_while_the_endpoint_answers_the_other_models(
                         2 * TIMEOUT_S + 1.0)
     gaps = [b - a for a, b in itertools.pairwise(fake.stuck_at)]
     assert gaps and min(gaps) >= TIMEOUT_S - 0.05, gaps
+
+
+# ------------------------------------------ one schedule for the daemon and the simulator
+# The scheduler computes its schedule with daemon/core/schedule.py, the rules `modeld
+# simulate` drives: the same inputs give the same next due time in both, and a change to a
+# shared rule reaches both (a copy of the rules in the scheduler would not follow it).
+
+
+def twin(tmp_path: Path, url: str, local: bool = True) -> tuple[Daemon, Simulation]:
+    """A daemon's scheduler and a simulation of the same configuration (``local``: probed
+    in offline mode too)."""
+    daemon = in_process_daemon(
+        tmp_path,
+        [{"id": "llama", "provider": "openai", "endpoint": url, "server": "openai",
+          "interval": "7s", "local": local}],
+        probe={"interval": "5s", "recheck_interval": "1s"})
+    return daemon, Simulation(daemon.config)
+
+
+def simulated_next_due(sim: Simulation, result: ProbeResult | None, *, tick: float,
+                       jitter: float, finished_at: float) -> float:
+    """The simulator's next due time for a probe of "llama" on ``tick`` answering ``result``
+    at ``finished_at`` (None: not probed, offline)."""
+    group = next(iter(sim.groups.values()))
+    sim.now = tick
+    if result is None:
+        sim.registry.offline_mode = True
+        sim._start_probe(group, "llama", tick, jitter)
+    else:
+        group.in_flight["llama"] = [tick]
+        sim.now = finished_at
+        sim._finish_probe(group, "llama", result, tick, jitter,
+                          schedule.probe_interval(sim.config.models[0], sim.config.probe))
+    return sim.next_due["llama"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["normal", "error500", "offline"])
+async def test_the_scheduler_and_the_simulator_schedule_the_next_probe_alike(
+        tmp_path: Path, mode: str) -> None:
+    async with FakeOpenAI(["llama"], flavor="llamacpp") as fake:
+        if mode != "offline":
+            fake.set_mode(mode)
+        daemon, sim = twin(tmp_path, fake.url, local=mode != "offline")
+        daemon.registry.offline_mode = mode == "offline"
+        tick = time.monotonic()
+        assert daemon.client is not None
+        async with daemon.client:
+            result = await daemon.scheduler._probe("llama", tick, 1.05)
+        finished_at = time.monotonic()
+    assert (result is None) == (mode == "offline")
+    simulated = simulated_next_due(sim, result, tick=tick, jitter=1.05,
+                                   finished_at=finished_at)
+    due = daemon.scheduler.next_due["llama"]
+    if mode == "error500":  # open verdict: one recheck interval after the answer came in
+        assert due == pytest.approx(simulated, abs=finished_at - tick)
+        assert tick + 1.0 <= due <= finished_at + 1.0
+    else:  # one jittered interval (the model's own, 7 s) after the tick
+        assert due == simulated == pytest.approx(tick + 7.0 * 1.05)
+
+
+def test_the_scheduler_follows_the_shared_hang_rule(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    daemon, _ = twin(tmp_path, "http://127.0.0.1:9")
+    entry = daemon.registry.models["llama"]
+    scheduler = daemon.scheduler
+    # an unmeasured model: its latency estimate, 4 × 1000 ms = 4 s (over recheck_interval)
+    assert scheduler.overdue_after("llama") == pytest.approx(4.0)
+    monkeypatch.setattr(schedule, "HANG_FACTOR", 10.0)
+    assert scheduler.overdue_after("llama") == pytest.approx(10.0)
+    assert scheduler.overdue_after("llama") == schedule.overdue_after(
+        entry.spec, entry.health, daemon.config.probe)
+    assert scheduler.overdue_after("gone") is None
