@@ -8,6 +8,10 @@ recheck back: the next one starts, with a request of its own, up to ``failure_th
 probes of one model in flight. A server that accepts and
 never answers is so unavailable about ``timeout + (failure_threshold - 1) × recheck_interval``
 after its first unanswered probe, not ``failure_threshold × (timeout + recheck_interval)``.
+
+The rules (who is due on a tick, the jitter, the next due time, when a probe is overdue,
+when the loop wakes) are :mod:`daemon.core.schedule`'s, the ones ``modeld simulate`` drives
+on its virtual clock; this module keeps the clock, the tasks and the bookkeeping.
 """
 
 from __future__ import annotations
