@@ -12,6 +12,8 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.model import encodable
+
 
 @dataclass(frozen=True, slots=True)
 class Peer:
@@ -148,7 +150,7 @@ def _json_problem(data: Any) -> str:
     while stack:
         value, where, depth = stack.pop()
         if isinstance(value, str):
-            if not _encodable(value):
+            if not encodable(value):
                 return f"the string at {where} holds a lone surrogate (not valid Unicode)"
             continue
         if isinstance(value, dict):
@@ -162,21 +164,13 @@ def _json_problem(data: Any) -> str:
                     "arrays and objects)")
         for key, item in items:
             if isinstance(key, str):
-                if not _encodable(key):
+                if not encodable(key):
                     return f"a key in {where} holds a lone surrogate (not valid Unicode)"
                 inner = f"{where}.{key}" if len(where) < 200 else where
             else:
                 inner = f"{where}[{key}]" if len(where) < 200 else where
             stack.append((item, inner, depth + 1))
     return ""
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 @dataclass(slots=True)

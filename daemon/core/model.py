@@ -29,6 +29,17 @@ OPENAI_SERVERS = ("auto", "vllm", "sglang", "llamacpp", "tgi", "llama-cpp-python
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
+def encodable(text: str) -> bool:
+    """Whether ``text`` has a UTF-8 form: a lone surrogate (JSON's ``"\\ud800"``, which a
+    server or a client may send) has none, and would break a log line, a reply or a state
+    write that holds it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def finite_ms(value: Any) -> float | None:
     """A latency as the daemon keeps it: a finite, non-negative number of ms, else None."""
     if (isinstance(value, int | float) and not isinstance(value, bool)

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..core.clock import Now
 from ..core.health import HealthState, Sample
-from ..core.model import Event, HealthStatus
+from ..core.model import Event, HealthStatus, encodable
 from ..core.registry import (
     HistoryEntry,
     Hold,
@@ -374,19 +374,11 @@ def _text(value: Any, where: str, limit: int = MAX_REASON_CHARS) -> str:
         raise StateShapeError(f"{where}: expected a string, got {_show(value)}")
     text = bounded_text(value, limit)
     # a lone surrogate ("\ud800" in the file) has no UTF-8 form: logs and replies need one
-    return text if _encodable(text) else text.encode("utf-8", "replace").decode("utf-8")
+    return text if encodable(text) else text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _opt_text(value: Any, where: str) -> str | None:
     return None if value is None else _text(value, where, MAX_NAME_CHARS)
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _opt_float(value: Any) -> float | None:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from ..core.model import ProbeResult
+from ..core.model import ProbeResult, encodable
 from .replies import MAX_REASON_CHARS
 
 __all__ = ["EVENT_ITEMS", "EVENT_TEXT_CHARS", "MAX_REASON_CHARS", "Mask", "bounded_facts",
@@ -60,17 +60,7 @@ def bounded_text(text: Any, limit: int = MAX_REASON_CHARS, mask: Mask | None = N
         line = mask(line[: limit + MASK_SLACK])
     if len(line) > limit:
         line = line[: limit - 1] + _CUT
-    return line if _encodable(line) else line.encode("utf-8", "replace").decode("utf-8")
-
-
-def _encodable(text: str) -> bool:
-    """Whether ``text`` has a UTF-8 form: a lone surrogate (JSON's ``"\\ud800"``, which a
-    server may send) has none, and would break a log line or a reply that holds it."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return line if encodable(line) else line.encode("utf-8", "replace").decode("utf-8")
 
 
 #: Bounds of an event's data restored from a state: the daemon's own (lists of the models a
