@@ -607,7 +607,9 @@ class ModelRegistry:
 
     # --------------------------------------------------------------- resolve
 
-    def _unusable_reason(self, entry: ModelEntry, capabilities: Sequence[str]) -> str | None:
+    def unusable_reason(self, entry: ModelEntry, capabilities: Sequence[str]) -> str | None:
+        """Why ``entry`` cannot answer a request needing ``capabilities`` now (None: it can):
+        what resolve's 503 and the front door say per model."""
         missing = [tag for tag in capabilities if tag not in entry.spec.capability_tags]
         if missing:
             return f"lacks capability {', '.join(missing)}"
@@ -649,7 +651,7 @@ class ModelRegistry:
         chain: list[str] = []
         reasons: dict[str, str] = {}
         for entry in self._preference_order(role):
-            why = self._unusable_reason(entry, capabilities)
+            why = self.unusable_reason(entry, capabilities)
             if why is None:
                 chain.append(entry.spec.id)
             else:

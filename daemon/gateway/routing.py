@@ -106,8 +106,8 @@ def choose(registry: ModelRegistry, asked: str, capabilities: Sequence[str] = ()
             answer = registry.get_model_for_use(asked, capabilities)
         except NoUsableModel as exc:
             reasons = {m: why if routable(registry.models[m].spec) else
-                       f"not routable: provider {registry.models[m].spec.provider} has no "
-                       f"server; {why}" for m, why in exc.reasons.items()}
+                       f"{_not_routable(registry.models[m].spec)}; {why}"
+                       for m, why in exc.reasons.items()}
             raise _none_usable(asked, exc.message, reasons) from None
         except UnknownRole:  # pragma: no cover - role_members said it exists
             raise _unknown(registry, asked) from None
@@ -118,7 +118,7 @@ def choose(registry: ModelRegistry, asked: str, capabilities: Sequence[str] = ()
             if routable(spec):
                 chain.append(model_id)
             else:
-                skipped[model_id] = f"not routable: provider {spec.provider} has no server"
+                skipped[model_id] = _not_routable(spec)
         if not chain:
             raise _none_usable(asked, f'no routable model in role "{asked}"', skipped)
         return Chain(asked, asked, tuple(chain), skipped)
@@ -129,27 +129,14 @@ def choose(registry: ModelRegistry, asked: str, capabilities: Sequence[str] = ()
         raise DoorError(404, "model_not_found",
                         f"The model `{asked}` has no server the front door could send requests "
                         f"to (provider {entry.spec.provider}); ask for a role or another model.")
-    why = _unusable(registry, entry, capabilities)
+    why = registry.unusable_reason(entry, capabilities)
     if why is not None:
         raise _none_usable(asked, f'model "{asked}" is not usable now', {asked: why})
     return Chain(asked, None, (asked,))
 
 
-def _unusable(registry: ModelRegistry, entry: ModelEntry,
-              capabilities: Sequence[str]) -> str | None:
-    spec = entry.spec
-    if not routable(spec):
-        return f"not routable: provider {spec.provider} has no server"
-    missing = [tag for tag in capabilities if tag not in spec.capability_tags]
-    if missing:
-        return f"lacks capability {', '.join(missing)}"
-    if not registry.eligible(entry):
-        return "remote model, offline mode is on"
-    status = entry.health.status
-    if not status.usable:
-        detail = entry.last_probe.reason if entry.last_probe and entry.last_probe.reason else ""
-        return f"{status.value}: {detail}" if detail else status.value
-    return None
+def _not_routable(spec: ModelSpec) -> str:
+    return f"not routable: provider {spec.provider} has no server"
 
 
 def _unknown(registry: ModelRegistry, asked: str) -> DoorError:
